@@ -1,0 +1,141 @@
+"""The ARI application: routes events to per-call sessions and owns their lifetimes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from consent_gate.dialog import CallInfo, GateContext
+
+from .call import CallSession
+from .transport import AriClient, AriError
+
+log = structlog.get_logger(__name__)
+
+# After StasisEnd a session gets this long to finish its shielded work before it is cancelled.
+CLEANUP_GRACE = 5.0
+
+
+@dataclass
+class ConsentGateApp:
+    client: AriClient
+    gate: GateContext
+    sessions: dict[str, CallSession] = field(default_factory=dict)
+    _reapers: set[asyncio.Task[None]] = field(default_factory=set)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        """Consume ARI events until cancelled; on cancel, release every live call (fail closed)."""
+        try:
+            async with contextlib.aclosing(self.client.events()) as events:
+                async for event in events:
+                    await self.dispatch(event)
+        finally:
+            await self.shutdown()
+
+    async def dispatch(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        match kind:
+            case "TransportConnected":
+                self.connected.set()
+                await self._release_orphans()
+            case "TransportDisconnected":
+                self.connected.clear()
+            case "StasisStart":
+                self._on_stasis_start(event)
+            case _:
+                channel_id = _channel_id(event)
+                session = self.sessions.get(channel_id) if channel_id else None
+                if session is not None:
+                    session.deliver(event)
+                    if kind in ("StasisEnd", "ChannelDestroyed"):
+                        self._schedule_cleanup(session)
+
+    def _on_stasis_start(self, event: dict[str, Any]) -> None:
+        channel = event.get("channel") or {}
+        channel_id = str(channel.get("id") or "")
+        if not channel_id or channel_id in self.sessions:
+            return
+        args = event.get("args") or []
+        purpose_name = str(args[0]) if args else ""
+        caller = channel.get("caller") or {}
+        call = CallInfo(
+            call_id=channel_id,
+            caller_number=str(caller.get("number") or ""),
+            language=str(channel.get("language") or ""),
+        )
+        session = CallSession(
+            client=self.client, gate=self.gate, channel_id=channel_id, call=call,
+            purpose=self.gate.settings.purpose(purpose_name),
+        )
+        self.sessions[channel_id] = session
+        session.task = asyncio.create_task(self._run_session(session), name=f"call-{channel_id}")
+
+    async def _run_session(self, session: CallSession) -> None:
+        try:
+            await session.run()
+        finally:
+            self.sessions.pop(session.channel_id, None)
+
+    def _schedule_cleanup(self, session: CallSession) -> None:
+        """Cancel a session that outlives its channel by more than the grace period."""
+        task = session.task
+        if task is None or task.done():
+            return
+
+        async def reap() -> None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(task), CLEANUP_GRACE)
+            if not task.done():
+                task.cancel()
+
+        reaper = asyncio.create_task(reap())
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
+
+    async def _release_orphans(self) -> None:
+        """Channels left in our app by an earlier process (crash, restart) go on without recording."""
+        try:
+            info = await self.client.request("GET", f"/applications/{self.client_app}")
+        except AriError as error:
+            log.warning("ari.orphan_scan_failed", error=str(error))
+            return
+        for channel_id in (info or {}).get("channel_ids", []):
+            if channel_id in self.sessions:
+                continue
+            log.warning("ari.orphan_released", channel=channel_id)
+            with contextlib.suppress(AriError):
+                await self.client.set_var(channel_id, "CONSENT_RECORDING_ID", "")
+                await self.client.set_var(channel_id, "CONSENT_STATUS", "unavailable")
+                await self.client.continue_in_dialplan(channel_id)
+
+    @property
+    def client_app(self) -> str:
+        return self.gate.settings.ari_app
+
+    async def shutdown(self) -> None:
+        tasks = [s.task for s in self.sessions.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        for reaper in list(self._reapers):
+            reaper.cancel()
+        if self._reapers:
+            await asyncio.wait(list(self._reapers), timeout=1)
+
+
+def _channel_id(event: dict[str, Any]) -> str | None:
+    channel = event.get("channel")
+    if isinstance(channel, dict) and channel.get("id"):
+        return str(channel["id"])
+    playback = event.get("playback")
+    if isinstance(playback, dict):
+        target = str(playback.get("target_uri") or "")
+        if target.startswith("channel:"):
+            return target.removeprefix("channel:")
+    return None

@@ -1,0 +1,165 @@
+"""One caller in the consent dialog: one task, one queue, one state object.
+
+The app routes every ARI event for the channel into ``CallSession.queue``; the session's task
+runs the core dialog (``consent_gate.dialog``) with this class as its :class:`DialogPort`.
+Whatever goes wrong — an exception, cancellation, the transport dropping — the session releases
+the channel back to the dialplan with ``CONSENT_STATUS=unavailable`` (shielded, time-limited),
+so a caller is never stuck and never recorded without a stored grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from consent_gate.config import Purpose
+from consent_gate.dialog import (
+    CallerHungUp,
+    CallInfo,
+    DialogResult,
+    DialogState,
+    GateContext,
+    PromptRef,
+    run_consent_dialog,
+)
+from consent_gate.events import Decision
+
+from .transport import AriClient, AriError, ChannelGone
+
+log = structlog.get_logger(__name__)
+
+RELEASE_TIMEOUT = 3.0
+HANGUP_EVENTS = frozenset({"StasisEnd", "ChannelDestroyed", "ChannelHangupRequest"})
+
+
+@dataclass
+class CallSession:
+    """Per-call state and the DialogPort the core dialog talks to."""
+
+    client: AriClient
+    gate: GateContext
+    channel_id: str
+    call: CallInfo
+    purpose: Purpose | None
+    source: str = "ari"
+    state: DialogState = field(default_factory=DialogState)
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    pending_keys: collections.deque[str] = field(default_factory=collections.deque)
+    hung_up: bool = False
+    released: bool = False
+    result: DialogResult | None = None
+    started_monotonic: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+
+    # -- event intake (called by the app's router) ----------------------------------------
+    def deliver(self, event: dict[str, Any]) -> None:
+        if event.get("type") in HANGUP_EVENTS:
+            self.hung_up = True
+        self.queue.put_nowait(event)
+
+    # -- DialogPort ---------------------------------------------------------------------------
+    async def play(self, prompt: PromptRef, *, stop_keys: str) -> str | None:
+        if stop_keys and self.pending_keys:
+            return self.pending_keys.popleft()  # keyed during the previous prompt: early answer
+        playback_id = f"cg-{uuid.uuid4().hex}"
+        try:
+            await self.client.play(self.channel_id, f"sound:{prompt.media}", playback_id=playback_id)
+        except ChannelGone:
+            raise CallerHungUp() from None
+        while True:
+            event = await self._next_event(None)
+            match event.get("type"):
+                case "PlaybackFinished" if event.get("playback", {}).get("id") == playback_id:
+                    return None
+                case "ChannelDtmfReceived":
+                    digit = str(event.get("digit", ""))
+                    if stop_keys and digit in stop_keys:
+                        await self.client.stop_playback(playback_id)
+                        return digit
+                    self.pending_keys.append(digit)
+                case _:
+                    continue
+
+    async def wait_key(self, timeout: float) -> str | None:
+        if self.pending_keys:
+            return self.pending_keys.popleft()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return None
+            event = await self._next_event(remaining)
+            if event.get("type") == "Timeout":
+                return None
+            if event.get("type") == "ChannelDtmfReceived":
+                return str(event.get("digit", ""))
+
+    async def _next_event(self, timeout: float | None) -> dict[str, Any]:
+        if self.hung_up and self.queue.empty():
+            raise CallerHungUp()
+        try:
+            event = await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return {"type": "Timeout"}
+        if event.get("type") in HANGUP_EVENTS:
+            raise CallerHungUp()
+        return event
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        bound = log.bind(call_id=self.call.call_id, channel=self.channel_id)
+        try:
+            if self.purpose is None:
+                bound.warning("consent.unknown_purpose")
+                return
+            await self.client.answer(self.channel_id)
+            self.result = await run_consent_dialog(self, self.call, self.purpose, self.gate, self.state)
+            if self.result.status is not Decision.ABANDONED:
+                await self._hand_back(self.result)
+        except (CallerHungUp, ChannelGone):
+            bound.info("consent.channel_gone")
+        except asyncio.CancelledError:
+            await self._release_unavailable()
+            raise
+        except Exception as error:  # fail closed: any bug or ARI failure means "no recording"
+            bound.error("consent.dialog_failed", error=repr(error))
+        finally:
+            if not self.released:
+                await self._release_unavailable()
+
+    async def _hand_back(self, result: DialogResult) -> None:
+        """Set the result variables (status last: it is what the dialplan acts on) and continue."""
+        variables = {
+            "CONSENT_ID": result.consent_id,
+            "CONSENT_RECORDING_ID": result.recording_id or "",
+            "CONSENT_CONFIRMATION": result.confirmation.media if result.confirmation else "",
+            "CONSENT_STATUS": str(result.status),
+        }
+        for name, value in variables.items():
+            await self.client.set_var(self.channel_id, name, value)
+        await self.client.continue_in_dialplan(self.channel_id)
+        self.released = True
+
+    async def _release_unavailable(self) -> None:
+        """Shielded, time-limited: put the channel back into the dialplan without a recording."""
+        if self.released or self.hung_up:
+            self.released = True
+            return
+        self.released = True
+
+        async def release() -> None:
+            with contextlib.suppress(AriError, OSError, asyncio.TimeoutError):
+                await self.client.set_var(self.channel_id, "CONSENT_RECORDING_ID", "")
+                await self.client.set_var(self.channel_id, "CONSENT_STATUS", "unavailable")
+            with contextlib.suppress(AriError, OSError, asyncio.TimeoutError):
+                await self.client.continue_in_dialplan(self.channel_id)
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.shield(asyncio.wait_for(release(), RELEASE_TIMEOUT))

@@ -1,0 +1,103 @@
+"""consent-gate-ari: the long-running ARI service.
+
+    consent-gate-ari --config /etc/consent-gate/consent-gate.toml
+
+Secrets come from the environment (CONSENT_GATE_ARI_PASSWORD, CONSENT_GATE_HMAC_KEY, or their
+*_FILE variants); see deploy/consent-gate.toml for every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from consent_gate.config import ConfigError, Settings, load_settings
+from consent_gate.dialog import GateContext
+from consent_gate.journal import Journal
+from consent_gate.ledger import Ledger
+from consent_gate.logging import configure_logging
+from consent_gate.prompts import PromptCatalog, PromptError
+
+from .app import ConsentGateApp
+from .transport import AriClient, AriConfig
+
+log = structlog.get_logger(__name__)
+
+
+def check_prompts(settings: Settings, catalog: PromptCatalog) -> None:
+    """Every purpose's prompt and the shared prompts must exist in the default language."""
+    needed = {p.prompt for p in settings.purposes.values()} | {"invalid", "granted", "declined"}
+    for name in sorted(needed):
+        catalog.version(settings.default_language, name)
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    catalog = PromptCatalog.load(settings.prompts_dir)
+    check_prompts(settings, catalog)
+    ledger = Ledger(settings.database_dsn, Journal(settings.journal_dir),
+                    write_timeout=settings.ledger_write_timeout)
+    await ledger.start()
+    try:
+        ari = AriConfig(base_url=settings.ari_url, username=settings.ari_user,
+                        password=settings.ari_password, app=settings.ari_app)
+        async with AriClient(ari) as client:
+            app = ConsentGateApp(client, GateContext(settings, catalog, ledger))
+            runner = asyncio.create_task(app.run(), name="ari-app")
+            log.info("consent_gate.started", ari=settings.ari_url, app=settings.ari_app,
+                     purposes=sorted(settings.purposes))
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if runner not in done:
+                runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+    finally:
+        await ledger.close()
+        log.info("consent_gate.stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="consent-gate-ari",
+        description="Asterisk ARI service that asks callers for recording consent. "
+        "Secrets: CONSENT_GATE_ARI_PASSWORD and CONSENT_GATE_HMAC_KEY (or *_FILE).",
+    )
+    parser.add_argument("--config", type=Path, help="TOML settings file (default: $CONSENT_GATE_CONFIG)")
+    parser.add_argument("--check-config", action="store_true", help="validate settings and prompts, then exit")
+    parser.add_argument("--log-format", choices=("json", "console"), default="json")
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format)
+    try:
+        settings = load_settings(args.config)
+        if args.check_config:
+            check_prompts(settings, PromptCatalog.load(settings.prompts_dir))
+            print("configuration ok")
+            return 0
+    except (ConfigError, PromptError) as error:
+        print(f"consent-gate-ari: {error}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        asyncio.run(run())
+    except PromptError as error:
+        print(f"consent-gate-ari: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""consent-gate: administration commands (database, ledger queries, prompts)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from . import prompts
+from .ledger import SQL_DIR, migrate
+
+
+def _dsn(args: argparse.Namespace) -> str:
+    dsn = args.dsn or os.environ.get("CONSENT_GATE_DSN")
+    if not dsn:
+        raise SystemExit("consent-gate: no database: pass --dsn or set CONSENT_GATE_DSN")
+    return dsn
+
+
+async def _history(dsn: str, call_id: str | None, consent_id: str | None) -> list[dict[str, Any]]:
+    connection = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rows = await connection.fetch(
+            """SELECT occurred_at, event, consent_id, call_id, purpose, legal_basis, language, digit,
+                      left(prompt_version, 12) AS prompt_version, recording_id, via_journal, source
+                 FROM consent_events
+                WHERE ($1::text IS NULL OR call_id = $1) AND ($2::uuid IS NULL OR consent_id = $2)
+                ORDER BY occurred_at, seq""",
+            call_id, consent_id,
+        )
+    finally:
+        await connection.close()
+    return [dict(row) for row in rows]
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, default=str, indent=2))
+        return
+    if not rows:
+        print("(no consent events)")
+        return
+    columns = list(rows[0])
+    text_rows = [["" if row[c] is None else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in text_rows)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in text_rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="consent-gate", description="consent-gate administration")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="ledger database")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    mig = db_sub.add_parser("migrate", help=f"apply the SQL migrations in {SQL_DIR}")
+    mig.add_argument("--dsn", help="PostgreSQL DSN (default $CONSENT_GATE_DSN)")
+
+    hist = sub.add_parser("history", help="consent history of a call or a decision")
+    hist.add_argument("--dsn", help="PostgreSQL DSN (default $CONSENT_GATE_DSN)")
+    who = hist.add_mutually_exclusive_group()
+    who.add_argument("--call", help="call id (the Asterisk channel id)")
+    who.add_argument("--consent-id", help="decision id (CONSENT_ID)")
+    hist.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    prompts.register_cli(sub)
+    args = parser.parse_args(argv)
+    match args.command:
+        case "db":
+            applied = asyncio.run(migrate(_dsn(args)))
+            print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+            return 0
+        case "history":
+            rows = asyncio.run(_history(_dsn(args), args.call, args.consent_id))
+            _print_rows(rows, args.json)
+            return 0
+        case _:
+            return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Configuration: one TOML file plus environment overrides; secrets never have defaults.
+
+Errors name the bad key and the file, e.g. ``consent-gate.toml: purposes.training.legal_basis:
+'concent' is not one of consent, legitimate-interest, legal-obligation``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+LEGAL_BASES = ("consent", "legitimate-interest", "legal-obligation")
+DTMF_KEYS = "0123456789*#"
+_PURPOSE_NAME = re.compile(r"^[a-z0-9-]{1,40}$")
+_PROMPT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Purpose:
+    name: str
+    legal_basis: str
+    prompt: str
+    retention_days: int
+    training_copy: bool = False
+
+    @property
+    def asks_consent(self) -> bool:
+        return self.legal_basis == "consent"
+
+
+@dataclass(frozen=True)
+class DialogSettings:
+    accept_key: str = "1"
+    decline_key: str = "2"
+    reciprocal_key: str = "3"
+    digit_timeout: float = 5.0
+    repeats: int = 1
+    withdraw_code: str = "*0"
+
+
+DEFAULT_PURPOSES = {
+    "training": Purpose("training", "consent", "question-training", 90, training_copy=True),
+    "documentation": Purpose("documentation", "consent", "question-documentation", 365),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    ari_url: str
+    ari_user: str
+    ari_password: str
+    ari_app: str
+    database_dsn: str
+    journal_dir: Path
+    hmac_key: bytes
+    recordings_dir: Path
+    prompts_dir: Path
+    asterisk_prompts_dir: str
+    store_raw_number: bool = False
+    record_when_journaled: bool = False
+    ledger_write_timeout: float = 2.0
+    default_language: str = "en"
+    dialog: DialogSettings = field(default_factory=DialogSettings)
+    purposes: Mapping[str, Purpose] = field(default_factory=lambda: dict(DEFAULT_PURPOSES))
+
+    def purpose(self, name: str) -> Purpose | None:
+        return self.purposes.get(name)
+
+
+def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{where}.{key}: missing")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _secret(env: Mapping[str, str], name: str, file_setting: str | None, what: str) -> str:
+    """A secret from $NAME, $NAME_FILE or a file named in the config; never a built-in default."""
+    if env.get(name):
+        return env[name]
+    path = env.get(f"{name}_FILE") or file_setting
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as error:
+            raise ConfigError(f"{what}: cannot read secret file {path}: {error.strerror}") from None
+    raise ConfigError(f"{what}: set ${name} or ${name}_FILE (no default is shipped)")
+
+
+def _parse_dialog(table: Mapping[str, Any], where: str) -> DialogSettings:
+    defaults = DialogSettings()
+    dialog = DialogSettings(
+        accept_key=_get(table, "accept_key", str, where, defaults.accept_key),
+        decline_key=_get(table, "decline_key", str, where, defaults.decline_key),
+        reciprocal_key=_get(table, "reciprocal_key", str, where, defaults.reciprocal_key),
+        digit_timeout=_get(table, "digit_timeout", float, where, defaults.digit_timeout),
+        repeats=_get(table, "repeats", int, where, defaults.repeats),
+        withdraw_code=_get(table, "withdraw_code", str, where, defaults.withdraw_code),
+    )
+    for key in ("accept_key", "decline_key", "reciprocal_key"):
+        value = getattr(dialog, key)
+        if len(value) != 1 or value not in DTMF_KEYS:
+            raise ConfigError(f"{where}.{key}: {value!r} is not a single DTMF key")
+    if len({dialog.accept_key, dialog.decline_key, dialog.reciprocal_key}) != 3:
+        raise ConfigError(f"{where}: accept_key, decline_key and reciprocal_key must differ")
+    if not 1.0 <= dialog.digit_timeout <= 30.0:
+        raise ConfigError(f"{where}.digit_timeout: {dialog.digit_timeout} is outside 1..30 seconds")
+    if not 0 <= dialog.repeats <= 3:
+        raise ConfigError(f"{where}.repeats: {dialog.repeats} is outside 0..3")
+    if not (2 <= len(dialog.withdraw_code) <= 4 and all(c in DTMF_KEYS for c in dialog.withdraw_code)):
+        raise ConfigError(f"{where}.withdraw_code: {dialog.withdraw_code!r} must be 2-4 DTMF keys")
+    return dialog
+
+
+def _parse_purposes(table: Mapping[str, Any], where: str) -> dict[str, Purpose]:
+    purposes: dict[str, Purpose] = {}
+    for name, body in table.items():
+        here = f"{where}.{name}"
+        if not _PURPOSE_NAME.match(name):
+            raise ConfigError(f"{here}: purpose names use a-z, 0-9 and '-' (max 40)")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{here}: expected a table")
+        unknown = set(body) - {"legal_basis", "prompt", "retention_days", "training_copy"}
+        if unknown:
+            raise ConfigError(f"{here}.{sorted(unknown)[0]}: unknown key")
+        basis = _get(body, "legal_basis", str, here)
+        if basis not in LEGAL_BASES:
+            raise ConfigError(f"{here}.legal_basis: {basis!r} is not one of {', '.join(LEGAL_BASES)}")
+        default_prompt = "notice-legal-obligation" if basis == "legal-obligation" else f"question-{name}"
+        prompt = _get(body, "prompt", str, here, default_prompt)
+        if not _PROMPT_NAME.match(prompt):
+            raise ConfigError(f"{here}.prompt: {prompt!r} is not a prompt name")
+        retention = _get(body, "retention_days", int, here, 1825 if basis == "legal-obligation" else 90)
+        if retention < 1:
+            raise ConfigError(f"{here}.retention_days: must be at least 1")
+        purposes[name] = Purpose(name, basis, prompt, retention, _get(body, "training_copy", bool, here, False))
+    if not purposes:
+        raise ConfigError(f"{where}: at least one purpose is needed")
+    return purposes
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (optional) and apply CONSENT_GATE_* environment overrides."""
+    env = os.environ if env is None else env
+    path = path or (Path(env["CONSENT_GATE_CONFIG"]) if env.get("CONSENT_GATE_CONFIG") else None)
+    data: dict[str, Any] = {}
+    name = "defaults"
+    if path is not None:
+        name = str(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    known = {"ari", "ledger", "privacy", "recordings", "prompts", "dialog", "purposes"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{name}: {key}: unknown section")
+    ari = data.get("ari", {})
+    ledger = data.get("ledger", {})
+    privacy = data.get("privacy", {})
+    recordings = data.get("recordings", {})
+    prompts = data.get("prompts", {})
+
+    def pick(env_name: str, table: Mapping[str, Any], key: str, where: str, default: Any = ...) -> Any:
+        if env.get(env_name):
+            return env[env_name]
+        return _get(table, key, str, f"{name}: {where}", default)
+
+    try:
+        key_text = _secret(env, "CONSENT_GATE_HMAC_KEY", privacy.get("hmac_key_file"), f"{name}: privacy.hmac_key")
+        if len(key_text) < 16:
+            raise ConfigError(f"{name}: privacy.hmac_key: at least 16 characters (32 random bytes recommended)")
+        prompts_dir = Path(pick("CONSENT_GATE_PROMPTS_DIR", prompts, "dir", "prompts",
+                                str(Path(__file__).resolve().parents[1] / "prompts" / "sounds")))
+        settings = Settings(
+            ari_url=pick("CONSENT_GATE_ARI_URL", ari, "url", "ari", "http://127.0.0.1:8088"),
+            ari_user=pick("CONSENT_GATE_ARI_USER", ari, "username", "ari", "consent-gate"),
+            ari_password=_secret(env, "CONSENT_GATE_ARI_PASSWORD", ari.get("password_file"), f"{name}: ari.password"),
+            ari_app=pick("CONSENT_GATE_ARI_APP", ari, "app", "ari", "consent-gate"),
+            database_dsn=pick("CONSENT_GATE_DSN", ledger, "dsn", "ledger", "postgresql:///consent_gate"),
+            journal_dir=Path(pick("CONSENT_GATE_JOURNAL_DIR", ledger, "journal_dir", "ledger",
+                                  "/var/lib/consent-gate/journal")),
+            record_when_journaled=_get(ledger, "record_when_journaled", bool, f"{name}: ledger", False),
+            ledger_write_timeout=_get(ledger, "write_timeout", float, f"{name}: ledger", 2.0),
+            hmac_key=key_text.encode(),
+            store_raw_number=_get(privacy, "store_raw_number", bool, f"{name}: privacy", False),
+            recordings_dir=Path(pick("CONSENT_GATE_RECORDINGS_DIR", recordings, "dir", "recordings",
+                                     "/var/spool/asterisk/consent-gate")),
+            prompts_dir=prompts_dir,
+            asterisk_prompts_dir=pick("CONSENT_GATE_ASTERISK_SOUNDS_DIR", prompts, "asterisk_dir", "prompts",
+                                      str(prompts_dir)),
+            default_language=_get(prompts, "default_language", str, f"{name}: prompts", "en"),
+            dialog=_parse_dialog(data.get("dialog", {}), f"{name}: dialog"),
+            purposes=_parse_purposes(data["purposes"], f"{name}: purposes") if "purposes" in data
+            else dict(DEFAULT_PURPOSES),
+        )
+    except ConfigError:
+        raise
+    if not 0.1 <= settings.ledger_write_timeout <= 30:
+        raise ConfigError(f"{name}: ledger.write_timeout: outside 0.1..30 seconds")
+    return settings

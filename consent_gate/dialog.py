@@ -1,0 +1,228 @@
+"""The consent dialog: one implementation, driven by the ARI and the AGI adapters alike.
+
+An adapter implements :class:`DialogPort` (play a prompt that a key may interrupt, wait for a
+key, nothing else).  :func:`run_consent_dialog` asks, listens, decides, stores the decision and
+returns what the dialplan needs.  Recording is allowed only when the decision is ``granted``
+*and* the ledger stored it durably; everything else fails closed to "no recording".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable, Protocol
+
+import structlog
+
+from .config import Purpose, Settings
+from .events import ConsentEvent, Decision, EventKind, caller_reference, new_id, new_recording_id, utcnow
+from .ledger import Durability, Ledger
+
+log = structlog.get_logger(__name__)
+
+DTMF_STOP_KEYS = "0123456789*#"
+
+
+class CallerHungUp(Exception):
+    """The caller's channel is gone; the dialog ends as 'abandoned'."""
+
+
+@dataclass(frozen=True)
+class PromptRef:
+    """A prompt as the adapter plays it: the file as Asterisk sees it (no extension)."""
+
+    name: str
+    language: str
+    media: str
+    version: str
+
+
+class DialogPort(Protocol):
+    source: str
+
+    async def play(self, prompt: PromptRef, *, stop_keys: str) -> str | None:
+        """Play; return the key that interrupted it, or None when it played to the end."""
+
+    async def wait_key(self, timeout: float) -> str | None:
+        """Return the next key, or None after ``timeout`` seconds of silence."""
+
+
+class PromptSource(Protocol):
+    def path(self, lang: str, name: str) -> object: ...
+    def version(self, lang: str, name: str) -> str: ...
+    @property
+    def languages(self) -> object: ...
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    call_id: str
+    caller_number: str
+    language: str
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    ASKING = "asking"
+    WAITING = "waiting"
+    STORING = "storing"
+    DONE = "done"
+
+
+@dataclass
+class DialogState:
+    """Everything one call's dialog knows; the adapter keeps it as its per-call state object."""
+
+    consent_id: object = field(default_factory=new_id)
+    phase: Phase = Phase.STARTING
+    attempt: int = 0
+    language: str = "en"
+    prompt_version: str | None = None
+    prompt_started_at: datetime | None = None
+    decided_at: datetime | None = None
+    digit: str | None = None
+    invalid_keys: list[str] = field(default_factory=list)
+    decision: Decision | None = None
+    recording_id: str | None = None
+    durability: Durability | None = None
+
+
+@dataclass(frozen=True)
+class DialogResult:
+    status: Decision
+    consent_id: str
+    recording_id: str | None
+    confirmation: PromptRef | None
+
+
+@dataclass
+class GateContext:
+    """What every dialog shares: settings, prompts, ledger and the clock (injectable for tests)."""
+
+    settings: Settings
+    prompts: PromptSource
+    ledger: Ledger
+    clock: Callable[[], datetime] = utcnow
+
+    def prompt(self, language: str, name: str) -> PromptRef:
+        lang = language if language in self.prompts.languages else self.settings.default_language
+        return PromptRef(
+            name=name,
+            language=lang,
+            media=f"{self.settings.asterisk_prompts_dir.rstrip('/')}/{lang}/{name}",
+            version=self.prompts.version(lang, name),
+        )
+
+
+def pick_language(raw: str, available: object, default: str) -> str:
+    """Channel language 'da', 'da_DK' or 'en_GB' → a shipped prompt language."""
+    short = (raw or "").split("_")[0].split("-")[0].lower()
+    return short if short in available else default  # type: ignore[operator]
+
+
+async def run_consent_dialog(
+    port: DialogPort, call: CallInfo, purpose: Purpose, gate: GateContext, state: DialogState | None = None
+) -> DialogResult:
+    state = state or DialogState()
+    settings = gate.settings
+    state.language = pick_language(call.language, gate.prompts.languages, settings.default_language)
+    log_call = log.bind(call_id=call.call_id, consent_id=str(state.consent_id), purpose=purpose.name)
+
+    if gate.ledger.degraded and not settings.record_when_journaled:
+        # The ledger cannot store a grant right now: asking would be a question we cannot honour.
+        state.decision = Decision.UNAVAILABLE
+    else:
+        question = gate.prompt(state.language, purpose.prompt)
+        state.prompt_version = question.version
+        try:
+            await _ask(port, question, gate, state)
+        except CallerHungUp:
+            state.decision = Decision.ABANDONED
+            state.decided_at = gate.clock()
+    state.phase = Phase.STORING
+    result = await asyncio.shield(_store(call, purpose, gate, state, port.source))
+    state.phase = Phase.DONE
+    log_call.info("consent.decided", status=str(result.status), digit=state.digit,
+                  durability=str(state.durability), attempts=state.attempt)
+    return result
+
+
+async def _ask(port: DialogPort, question: PromptRef, gate: GateContext, state: DialogState) -> None:
+    keys = gate.settings.dialog
+    for attempt in range(1, keys.repeats + 2):
+        state.attempt = attempt
+        state.phase = Phase.ASKING
+        if state.prompt_started_at is None:
+            state.prompt_started_at = gate.clock()
+        key = await port.play(question, stop_keys=DTMF_STOP_KEYS)
+        if key is None:
+            state.phase = Phase.WAITING
+            key = await port.wait_key(keys.digit_timeout)
+        if key is None:
+            continue
+        if key == keys.accept_key:
+            state.decision, state.digit = Decision.GRANTED, key
+        elif key == keys.decline_key:
+            state.decision, state.digit = Decision.DECLINED, key
+        else:
+            state.invalid_keys.append(key)
+            await port.play(gate.prompt(state.language, "invalid"), stop_keys="")
+            continue
+        state.decided_at = gate.clock()
+        return
+    state.decision = Decision.NO_INPUT
+    state.decided_at = gate.clock()
+
+
+async def _store(
+    call: CallInfo, purpose: Purpose, gate: GateContext, state: DialogState, source: str
+) -> DialogResult:
+    """Write the decision; only a durably stored grant may record."""
+    settings = gate.settings
+    decision = state.decision or Decision.UNAVAILABLE
+    wants_recording = decision is Decision.GRANTED
+    recording_id = new_recording_id() if wants_recording else None
+
+    def event(kind: EventKind, recording: str | None, **detail: object) -> ConsentEvent:
+        return ConsentEvent(
+            consent_id=state.consent_id,  # type: ignore[arg-type]
+            call_id=call.call_id[:64],
+            event=kind,
+            purpose=purpose.name,
+            legal_basis=purpose.legal_basis,
+            occurred_at=gate.clock(),
+            source=source,
+            language=state.language,
+            prompt_version=state.prompt_version,
+            digit=state.digit,
+            caller_ref=caller_reference(settings.hmac_key, call.caller_number),
+            caller_number=(call.caller_number[:64] or None) if settings.store_raw_number else None,
+            recording_id=recording,
+            prompt_started_at=state.prompt_started_at,
+            decided_at=state.decided_at,
+            detail={"invalid_keys": state.invalid_keys, "attempts": state.attempt, **detail},
+        )
+
+    if wants_recording and not settings.record_when_journaled:
+        # A grant counts only once it is in the database; if it is not, nothing is recorded and
+        # the journal gets the truth: the caller pressed the key, the gate was unavailable.
+        state.durability = await gate.ledger.append(event(EventKind.GRANTED, recording_id), use_journal=False)
+        if state.durability is not Durability.DATABASE:
+            state.durability = await gate.ledger.append(
+                event(EventKind.UNAVAILABLE, None, reason="ledger-unavailable", pressed="granted"))
+            decision, recording_id = Decision.UNAVAILABLE, None
+    else:
+        state.durability = await gate.ledger.append(event(EventKind(decision.value), recording_id))
+        if wants_recording and state.durability is Durability.LOST:
+            decision, recording_id = Decision.UNAVAILABLE, None
+    state.decision, state.recording_id = decision, recording_id
+    confirmation = None
+    if decision is Decision.GRANTED:
+        confirmation = gate.prompt(state.language, "granted")
+    elif decision in (Decision.DECLINED, Decision.NO_INPUT) or (
+        decision is Decision.UNAVAILABLE and state.prompt_started_at is not None
+    ):
+        confirmation = gate.prompt(state.language, "declined")
+    return DialogResult(decision, str(state.consent_id), recording_id, confirmation)

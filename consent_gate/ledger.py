@@ -1,0 +1,195 @@
+"""The consent ledger: append-only events in PostgreSQL, with a durable local journal behind it.
+
+``append`` tells the caller how durably an event was stored, and the dialog decides from that
+whether it may record: only ``Durability.DATABASE`` (or ``JOURNAL`` where the operator allows
+it) lets MixMonitor start.  A background task replays the journal into the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import asyncpg
+import structlog
+
+from .events import ConsentEvent, utcnow
+from .journal import Journal, JournalError
+
+log = structlog.get_logger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+SQL_DIR = PROJECT_DIR / "sql"
+
+INSERT_SQL = """
+INSERT INTO consent_events (
+    event_id, consent_id, call_id, event, purpose, legal_basis, language, prompt_version, digit,
+    caller_ref, caller_number, recording_id, prompt_started_at, decided_at, occurred_at, source,
+    via_journal, detail)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::jsonb)
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+
+class Durability(StrEnum):
+    DATABASE = "database"
+    JOURNAL = "journal"
+    LOST = "lost"
+
+
+def _row(event: ConsentEvent, via_journal: bool) -> tuple[Any, ...]:
+    return (
+        event.event_id, event.consent_id, event.call_id, str(event.event), event.purpose,
+        event.legal_basis, event.language, event.prompt_version, event.digit, event.caller_ref,
+        event.caller_number, event.recording_id, event.prompt_started_at, event.decided_at,
+        event.occurred_at, event.source, via_journal, json.dumps(event.detail),
+    )
+
+
+class Ledger:
+    """Owns the asyncpg pool and the journal replayer; start() and close() bound their lifetime."""
+
+    def __init__(
+        self,
+        dsn: str,
+        journal: Journal,
+        *,
+        write_timeout: float = 2.0,
+        replay_interval: float = 2.0,
+        connect: Callable[..., Any] = asyncpg.create_pool,
+    ) -> None:
+        self.dsn = dsn
+        self.journal = journal
+        self.write_timeout = write_timeout
+        self.replay_interval = replay_interval
+        self._connect = connect
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self._replayer: asyncio.Task[None] | None = None
+        self._wake_replayer = asyncio.Event()
+        self.degraded = False
+
+    async def start(self) -> None:
+        """Never fails because the database is down: the journal takes over until it returns."""
+        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+            await self._get_pool()
+        self._replayer = asyncio.create_task(self._replay_loop(), name="ledger-journal-replay")
+
+    async def close(self) -> None:
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+            self._replayer = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 5)
+            self._pool = None
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await asyncio.wait_for(
+                    self._connect(self.dsn, min_size=1, max_size=10, command_timeout=self.write_timeout),
+                    self.write_timeout,
+                )
+            return self._pool
+
+    async def _insert(self, events: Sequence[ConsentEvent], *, via_journal: bool) -> None:
+        pool = await self._get_pool()
+        async with pool.acquire(timeout=self.write_timeout) as connection:
+            async with connection.transaction():
+                await connection.executemany(INSERT_SQL, [_row(event, via_journal) for event in events])
+
+    async def append(self, event: ConsentEvent, *, use_journal: bool = True) -> Durability:
+        """Store one event: the database if it answers in time, else the fsync'd journal."""
+        try:
+            await asyncio.wait_for(self._insert([event], via_journal=False), self.write_timeout)
+            return Durability.DATABASE
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # any database failure sends the event to the journal
+            self.degraded = True
+            log.warning("ledger.database_write_failed", error=repr(error), event_id=str(event.event_id))
+        if not use_journal:
+            return Durability.LOST
+        try:
+            await asyncio.to_thread(self.journal.append, event)
+        except JournalError as error:
+            log.error("ledger.journal_write_failed", error=str(error), event_id=str(event.event_id))
+            return Durability.LOST
+        self._wake_replayer.set()
+        return Durability.JOURNAL
+
+    async def replay_journal(self) -> int:
+        """Move journaled events into the database; returns how many were replayed."""
+        count = await self.journal.drain(lambda events: self._insert(events, via_journal=True))
+        if count:
+            log.info("ledger.journal_replayed", events=count)
+        elif self.degraded:
+            # Nothing to replay: prove the database answers before leaving degraded mode.
+            pool = await self._get_pool()
+            await pool.fetchval("SELECT 1", timeout=self.write_timeout)
+        self.degraded = False
+        return count
+
+    async def _replay_loop(self) -> None:
+        while True:
+            try:
+                await self.replay_journal()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.degraded = True
+                log.info("ledger.replay_deferred", error=repr(error), backlog=self.journal.backlog())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake_replayer.wait(), self.replay_interval)
+            self._wake_replayer.clear()
+
+    async def history(self, *, call_id: str | None = None, consent_id: str | None = None) -> list[dict[str, Any]]:
+        pool = await self._get_pool()
+        rows = await pool.fetch(
+            """SELECT seq, event_id, consent_id, call_id, event, purpose, legal_basis, language,
+                      prompt_version, digit, caller_ref, recording_id, prompt_started_at, decided_at,
+                      occurred_at, stored_at, source, via_journal, detail
+                 FROM consent_events
+                WHERE ($1::text IS NULL OR call_id = $1)
+                  AND ($2::uuid IS NULL OR consent_id = $2)
+                ORDER BY occurred_at, seq""",
+            call_id, consent_id,
+        )
+        return [dict(row) for row in rows]
+
+
+async def migrate(dsn: str, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply sql/NNN_*.sql files not applied yet, each in its own transaction; returns the new ones."""
+    files = sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql"))
+    if not files:
+        raise FileNotFoundError(f"no migrations found in {sql_dir}")
+    connection = await asyncpg.connect(dsn, timeout=10)
+    applied: list[str] = []
+    try:
+        # Two migrators at once (two tests, two hosts) must not both apply a file.
+        await connection.execute("SELECT pg_advisory_lock(724165)")
+        await connection.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row["version"] for row in await connection.fetch("SELECT version FROM schema_migrations")}
+        for path in files:
+            if path.name in done:
+                continue
+            async with connection.transaction():
+                await connection.execute(path.read_text())
+                await connection.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.name)
+            applied.append(path.name)
+            log.info("ledger.migration_applied", version=path.name, at=utcnow().isoformat())
+    finally:
+        with contextlib.suppress(Exception):
+            await connection.execute("SELECT pg_advisory_unlock(724165)")
+        await connection.close()
+    return applied
