@@ -19,6 +19,21 @@ _PURPOSE_NAME = re.compile(r"^[a-z0-9-]{1,40}$")
 _PROMPT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
+# Keys each section may hold (None: free-form, checked by its own parser).  A typo such as
+# ``accept_keys`` must be an error, not a silently ignored setting.
+_SECTION_KEYS: dict[str, frozenset[str] | None] = {
+    "ari": frozenset({"url", "username", "password_file", "app"}),
+    "ledger": frozenset({"dsn", "journal_dir", "record_when_journaled", "write_timeout"}),
+    "privacy": frozenset({"hmac_key_file", "store_raw_number"}),
+    "recordings": frozenset({"dir"}),
+    "prompts": frozenset({"dir", "asterisk_dir", "default_language"}),
+    "dialog": frozenset({"accept_key", "decline_key", "reciprocal_key", "digit_timeout", "repeats",
+                         "withdraw_code"}),
+    "purposes": None,
+}
+_LANGUAGE = re.compile(r"^[a-z]{2}$")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -167,10 +182,15 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
             raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    known = {"ari", "ledger", "privacy", "recordings", "prompts", "dialog", "purposes"}
-    for key in data:
-        if key not in known:
+    for key, value in data.items():
+        if key not in _SECTION_KEYS:
             raise ConfigError(f"{name}: {key}: unknown section")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: {key}: expected a table")
+        allowed = _SECTION_KEYS[key]
+        for inner in value:
+            if allowed is not None and inner not in allowed:
+                raise ConfigError(f"{name}: {key}.{inner}: unknown key")
     ari = data.get("ari", {})
     ledger = data.get("ledger", {})
     privacy = data.get("privacy", {})
@@ -212,6 +232,10 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         )
     except ConfigError:
         raise
+    if not _LANGUAGE.match(settings.default_language):
+        # The ledger only accepts 'xx' language codes: anything else could never be stored.
+        raise ConfigError(f"{name}: prompts.default_language: {settings.default_language!r} is not a "
+                          "two-letter language code")
     if not 0.1 <= settings.ledger_write_timeout <= 30:
         raise ConfigError(f"{name}: ledger.write_timeout: outside 0.1..30 seconds")
     return settings
