@@ -1,0 +1,266 @@
+"""The consent gate through the real Asterisk with real SIP calls (ARI path, extension 200).
+
+Every case checks what the caller's choice must and must not cause: a recording only after
+the consent key, the agent reached in every case but a hangup, the ledger telling the truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from consent_gate.rig import audio
+from consent_gate.rig.harness import AsteriskLog, GateResult, GateService
+from consent_gate.rig.sandbox import AsteriskSandbox
+from consent_gate.rig.softphone import Line, NoIncomingCall, PhoneCall
+
+from .conftest import Phones, recording_files, wait_until
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = Path(__file__).resolve().parents[2] / "prompts" / "sounds"
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def prompt_version(lang: str, name: str) -> str:
+    return hashlib.sha256((PROMPTS / lang / f"{name}.wav").read_bytes()).hexdigest()
+
+
+async def ledger_events(dsn: str, consent_id: str) -> list[dict]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch(
+            "SELECT * FROM consent_events WHERE consent_id = $1::uuid ORDER BY occurred_at, seq", consent_id)
+    finally:
+        await connection.close()
+    return [dict(row) for row in rows]
+
+
+async def drain_incoming(line: Line) -> None:
+    """Calls left ringing by an earlier failed test must not be taken for this test's call."""
+    while True:
+        try:
+            stale = await line.wait_incoming(0.05)
+        except NoIncomingCall:
+            return
+        await stale.hangup()
+
+
+@dataclass
+class GateCall:
+    caller: PhoneCall
+    result: GateResult
+    agent: PhoneCall | None
+    keyed_at: float | None
+
+
+async def run_gate_call(
+    phones: Phones, log: AsteriskLog, tag: str, *, line: Line | None = None, exten: str = "200",
+    key: str | None = None, key_after_prompt: float = 1.0, prompt: str = "question-training",
+    headers: dict[str, str] | None = None, caller_name: str | None = None, result_timeout: float = 20,
+) -> GateCall:
+    """Dial the gate, press ``key`` ``key_after_prompt`` s into the question, answer as agent."""
+    await drain_incoming(phones.agent)
+    call = await (line or phones.caller).call(
+        phones.uri(exten), headers={"X-Test-Call": tag, **(headers or {})}, caller_name=caller_name)
+    await call.wait_answered(10)
+    keyed_at = None
+    if key is not None:
+        await log.wait_for(rf"Playing '[^']*/{prompt}\.", 10)
+        await _pause(key_after_prompt)
+        await call.send_dtmf(key)
+        keyed_at = time.monotonic()
+    result = await log.gate_result(tag, result_timeout)
+    agent_call = await phones.agent.wait_incoming(20)
+    await agent_call.answer()
+    await agent_call.wait_answered(10) if hasattr(agent_call, "wait_answered") else None
+    return GateCall(call, result, agent_call, keyed_at)
+
+
+async def _pause(seconds: float) -> None:
+    # Timing of a human keypress within the prompt, not synchronisation.
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+async def finish(call: GateCall) -> None:
+    await call.caller.hangup()
+    if call.agent is not None:
+        await call.agent.wait_hangup(10)
+
+
+# -- consent ------------------------------------------------------------------------------
+
+async def test_consent_key_records_only_after_the_keypress(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService,
+    pg_dsn: str, speech_wav: Path, test_tag: str, recordings_before: set[str],
+) -> None:
+    call = await run_gate_call(phones, asterisk_log, test_tag, key="1", key_after_prompt=2.0)
+    assert call.result.status == "granted"
+    assert HEX32.match(call.result.recording_id)
+    agent_answered = time.monotonic()
+    await call.caller.play_wav(speech_wav)
+    await call.caller.play_silence(0.5)
+    hung_up = time.monotonic()
+    await finish(call)
+
+    expected = f"{call.result.recording_id}.wav"
+    await wait_until(lambda: expected in recording_files(asterisk), 10, "the recording file")
+    assert recording_files(asterisk) - recordings_before == {expected}, "exactly one new recording"
+    path = asterisk.recordings_dir / expected
+    assert path.stat().st_mode & 0o777 == 0o600
+    rate, samples = audio.read_wav(path)
+    length = len(samples) / rate
+    # Nothing from before the keypress: the recording is no longer than keypress → hangup.
+    assert call.keyed_at is not None
+    assert length <= (hung_up - call.keyed_at) + 1.0, (length, hung_up - call.keyed_at)
+    # The 25 s question is not in it either way: the file is shorter than prompt + speech.
+    speech_start = agent_answered - call.keyed_at
+    caller_speech = audio.segment(samples, rate, speech_start + 0.3, speech_start + 3.0)
+    assert audio.rms_dbfs(caller_speech) > -35, "the caller's speech is in the recording"
+    # The agent heard the caller too (the bridge works after the gate).
+    assert audio.rms_dbfs(call.agent.heard_segment(0.5, 3.0)) > -35
+
+    [event] = await ledger_events(pg_dsn, call.result.consent_id)
+    assert event["event"] == "granted" and event["digit"] == "1"
+    assert event["recording_id"] == call.result.recording_id
+    assert event["prompt_version"] == prompt_version("en", "question-training")
+    assert event["language"] == "en" and event["purpose"] == "training" and event["legal_basis"] == "consent"
+    assert re.fullmatch(r"[0-9a-f]{64}", event["caller_ref"]) and event["caller_number"] is None
+    assert event["prompt_started_at"] <= event["decided_at"] <= event["occurred_at"]
+    assert not event["via_journal"]
+
+    # Keypress → MixMonitor start, from Asterisk's own log timestamps (reported, not asserted).
+    log_text = asterisk_log.text()
+    dtmf = re.search(r"\[(\S+ \S+)\] DTMF\[.*DTMF end '1' received", log_text)
+    started = re.search(r"\[(\S+ \S+)\] VERBOSE\[.*Begin MixMonitor Recording", log_text)
+    if dtmf and started:
+        from datetime import datetime
+        fmt = "%Y-%m-%d %H:%M:%S.%f"
+        delta = datetime.strptime(started.group(1), fmt) - datetime.strptime(dtmf.group(1), fmt)
+        print(f"\nkeypress→MixMonitor: {delta.total_seconds() * 1000:.0f} ms")
+
+
+@pytest.mark.parametrize("line_name, language", [("caller", "en"), ("caller_da", "da")])
+async def test_prompt_in_the_channel_language(
+    asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str, test_tag: str,
+    line_name: str, language: str,
+) -> None:
+    call = await run_gate_call(phones, asterisk_log, test_tag, line=getattr(phones, line_name), key="2")
+    assert re.search(rf"Playing '[^']*/consent-gate/{language}/question-training\.", asterisk_log.text())
+    # The caller heard the prompt (audio, not just a log line).
+    assert audio.rms_dbfs(call.caller.heard_segment(0.2, 1.0)) > -40
+    assert call.result.status == "declined"
+    await finish(call)
+    [event] = await ledger_events(pg_dsn, call.result.consent_id)
+    assert event["language"] == language
+    assert event["prompt_version"] == prompt_version(language, "question-training")
+
+
+async def test_sip_info_dtmf_is_accepted_too(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, test_tag: str,
+) -> None:
+    call = await run_gate_call(phones, asterisk_log, test_tag, line=phones.caller_info, key="1")
+    assert call.result.status == "granted"
+    await call.caller.play_silence(1.0)
+    await finish(call)
+    await wait_until(lambda: f"{call.result.recording_id}.wav" in recording_files(asterisk), 10, "recording")
+
+
+# -- no consent: nothing recorded, same next step ----------------------------------------
+
+async def test_decline_key_records_nothing(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
+    speech_wav: Path, test_tag: str, recordings_before: set[str],
+) -> None:
+    call = await run_gate_call(phones, asterisk_log, test_tag, key="2")
+    assert call.result.status == "declined" and call.result.recording_id == ""
+    await call.caller.play_wav(speech_wav)
+    await finish(call)
+    assert recording_files(asterisk) == recordings_before
+    assert "MixMonitor(" not in asterisk_log.text()
+    [event] = await ledger_events(pg_dsn, call.result.consent_id)
+    assert event["event"] == "declined" and event["digit"] == "2" and event["recording_id"] is None
+
+
+async def test_silence_is_not_consent(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
+    test_tag: str, recordings_before: set[str],
+) -> None:
+    # Question (≈25 s) + 5 s, asked twice: the result comes after about a minute.
+    call = await run_gate_call(phones, asterisk_log, test_tag, result_timeout=90)
+    assert call.result.status == "no-input"
+    assert len(re.findall(r"Playing '[^']*/question-training\.", asterisk_log.text())) == 2
+    await finish(call)
+    assert recording_files(asterisk) == recordings_before
+    [event] = await ledger_events(pg_dsn, call.result.consent_id)
+    assert event["event"] == "no-input" and event["digit"] is None and event["detail"]
+    assert '"attempts": 2' in event["detail"]
+
+
+async def test_invalid_key_then_silence_records_nothing(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
+    test_tag: str, recordings_before: set[str],
+) -> None:
+    call = await run_gate_call(phones, asterisk_log, test_tag, key="7", result_timeout=90)
+    assert call.result.status == "no-input"
+    assert re.search(r"Playing '[^']*/invalid\.", asterisk_log.text())
+    await finish(call)
+    assert recording_files(asterisk) == recordings_before
+    [event] = await ledger_events(pg_dsn, call.result.consent_id)
+    assert event["event"] == "no-input" and '"invalid_keys": ["7"]' in event["detail"]
+
+
+async def test_hangup_during_the_prompt_is_logged_as_abandoned(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
+    test_tag: str, recordings_before: set[str],
+) -> None:
+    await drain_incoming(phones.agent)
+    call = await phones.caller.call(phones.uri("200"), headers={"X-Test-Call": test_tag})
+    await call.wait_answered(10)
+    channel = await asterisk_log.wait_for(r"Stasis\(\"(PJSIP/caller-[0-9a-f]+)\"", 10)
+    await asterisk_log.wait_for(r"Playing '[^']*/question-training\.", 10)
+    await call.hangup()
+    connection = await asyncpg.connect(pg_dsn)
+    try:
+        async def abandoned() -> list:
+            return await connection.fetch(
+                "SELECT * FROM consent_events WHERE event = 'abandoned' AND prompt_started_at > now() - interval '1 minute'"
+                " AND call_id NOT IN (SELECT call_id FROM consent_events WHERE event <> 'abandoned')")
+        deadline = time.monotonic() + 10
+        rows = await abandoned()
+        while not rows and time.monotonic() < deadline:
+            await _pause(0.1)
+            rows = await abandoned()
+    finally:
+        await connection.close()
+    assert rows, f"no abandoned event for {channel.group(1)}"
+    with pytest.raises(NoIncomingCall):
+        await phones.agent.wait_incoming(3)
+    assert recording_files(asterisk) == recordings_before
+    assert "consent-result: test=" + test_tag not in asterisk_log.text()
+
+
+async def test_app_not_running_means_unavailable_and_the_call_goes_on(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService,
+    test_tag: str, recordings_before: set[str],
+) -> None:
+    await gate.stop()
+    try:
+        started = time.monotonic()
+        call = await run_gate_call(phones, asterisk_log, test_tag, result_timeout=10)
+        assert call.result.status == "unavailable" and call.result.recording_id == ""
+        assert time.monotonic() - started < 8, "the gate returns at once when the app is down"
+        await call.caller.send_dtmf("1")  # pressing "1" now changes nothing
+        await call.caller.play_silence(1.0)
+        await finish(call)
+        assert recording_files(asterisk) == recordings_before
+    finally:
+        await gate.start()
