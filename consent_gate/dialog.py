@@ -12,6 +12,7 @@ import asyncio
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Callable, Protocol
 
 import structlog
@@ -108,6 +109,9 @@ class GateContext:
 
     def prompt(self, language: str, name: str) -> PromptRef:
         lang = language if language in self.prompts.languages else self.settings.default_language
+        # The catalog falls back to English for a file missing in ``lang``: play that same file,
+        # so the media Asterisk plays and the version stored as evidence are one and the same.
+        lang = Path(str(self.prompts.path(lang, name))).parent.name
         return PromptRef(
             name=name,
             language=lang,

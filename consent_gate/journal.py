@@ -51,10 +51,15 @@ class Journal:
         try:
             with self._lock():
                 created = not self.path.exists()
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
-                    written = os.write(fd, line)
-                    if written != len(line):
+                    data = line
+                    size = os.fstat(fd).st_size
+                    if size and os.pread(fd, 1, size - 1) != b"\n":
+                        # A crash left a torn line: end it, or this event would be glued onto it.
+                        data = b"\n" + line
+                    written = os.write(fd, data)
+                    if written != len(data):
                         raise JournalError(f"short write to {self.path}")
                     os.fsync(fd)
                 finally:
