@@ -168,7 +168,9 @@ def _parse_purposes(table: Mapping[str, Any], where: str) -> dict[str, Purpose]:
     return purposes
 
 
-def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: Path | None = None, env: Mapping[str, str] | None = None, *, require_ari: bool = True
+) -> Settings:
     """Read the TOML file (optional) and apply CONSENT_GATE_* environment overrides."""
     env = os.environ if env is None else env
     path = path or (Path(env["CONSENT_GATE_CONFIG"]) if env.get("CONSENT_GATE_CONFIG") else None)
@@ -211,7 +213,9 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         settings = Settings(
             ari_url=pick("CONSENT_GATE_ARI_URL", ari, "url", "ari", "http://127.0.0.1:8088"),
             ari_user=pick("CONSENT_GATE_ARI_USER", ari, "username", "ari", "consent-gate"),
-            ari_password=_secret(env, "CONSENT_GATE_ARI_PASSWORD", ari.get("password_file"), f"{name}: ari.password"),
+            # The AGI script never talks to ARI, so it needs no ARI password.
+            ari_password=_secret(env, "CONSENT_GATE_ARI_PASSWORD", ari.get("password_file"), f"{name}: ari.password")
+            if require_ari else "",
             ari_app=pick("CONSENT_GATE_ARI_APP", ari, "app", "ari", "consent-gate"),
             database_dsn=pick("CONSENT_GATE_DSN", ledger, "dsn", "ledger", "postgresql:///consent_gate"),
             journal_dir=Path(pick("CONSENT_GATE_JOURNAL_DIR", ledger, "journal_dir", "ledger",

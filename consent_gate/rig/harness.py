@@ -5,6 +5,7 @@ reader for Asterisk's log that waits for lines with a bound.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import secrets
@@ -105,6 +106,8 @@ class GateService:
         if self.running:
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # The AGI script (run by Asterisk) shares the ledger and the caller-pseudonym key.
+        self.sandbox.write_gate_config(self.dsn, self.hmac_key)
         args = [sys.executable, "-m", "ari_app.main"]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
@@ -121,14 +124,15 @@ class GateService:
         """Until Asterisk lists our ARI application (the websocket is connected)."""
         env = self.sandbox.env()
         url = f"{env['CONSENT_GATE_ARI_URL']}/ari/applications/{env['CONSENT_GATE_ARI_APP']}"
-        auth = aiohttp.BasicAuth(env["CONSENT_GATE_ARI_USER"], env["CONSENT_GATE_ARI_PASSWORD"])
+        token = base64.b64encode(f"{env['CONSENT_GATE_ARI_USER']}:{env['CONSENT_GATE_ARI_PASSWORD']}".encode())
+        headers = {"Authorization": "Basic " + token.decode()}
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
                     raise RuntimeError(f"consent-gate-ari exited ({self.process.returncode}):\n{self.log_tail()}")
                 try:
-                    async with session.get(url, auth=auth) as response:
+                    async with session.get(url, headers=headers) as response:
                         if response.status == 200:
                             return
                 except aiohttp.ClientError:

@@ -40,8 +40,10 @@ COMPOSE_FILE = PROJECT_DIR / "docker-compose.asterisk.yml"
 
 SID_MIRROR = "http://deb.debian.org/debian"
 # Bump ROOT_FORMAT when the package list changes: an older cached root is then rebuilt.
-ROOT_PACKAGES = ("asterisk", "asterisk-core-sounds-en-wav", "python3")
-ROOT_FORMAT = 2
+# python3 with asyncpg and structlog runs the AGI script inside the root (AGI programs are
+# executed by Asterisk, so they live where Asterisk lives).
+ROOT_PACKAGES = ("asterisk", "asterisk-core-sounds-en-wav", "python3", "python3-asyncpg", "python3-structlog")
+ROOT_FORMAT = 3
 
 
 class SandboxError(RuntimeError):
@@ -472,7 +474,7 @@ class AsteriskSandbox:
             "AMI_USER": self.settings.ami_user,
             "AMI_PASSWORD": self.state.ami_password,
             "SIP_PASSWORD": self.state.sip_password,
-            "AGI_COMMAND": self.settings.agi_command,
+            "AGI_COMMAND": self.settings.agi_command or str(self.inside_dir / "agi-bin" / "consent-gate-agi"),
         }
         for template in sorted(TEMPLATES_DIR.glob("*.conf")):
             target = host / "etc" / template.name
@@ -481,6 +483,49 @@ class AsteriskSandbox:
         shutil.copytree(DIALPLAN_DIR, host / "dialplan", dirs_exist_ok=True)
         if PROMPTS_SOUNDS_DIR.is_dir():
             shutil.copytree(PROMPTS_SOUNDS_DIR, host / "sounds" / "consent-gate", dirs_exist_ok=True)
+            shutil.copy2(PROMPTS_SOUNDS_DIR.parent / "manifest.json", host / "sounds" / "consent-gate" / "manifest.json")
+        self._install_agi()
+
+    def _install_agi(self) -> None:
+        """The AGI script and the code it imports, where the Asterisk inside the root can run it."""
+        import asterisk.agi  # pyst2: pure Python, copied beside our packages
+
+        lib = self.host_dir / "agi-bin" / "lib"
+        if lib.exists():
+            shutil.rmtree(lib)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "rig")
+        for package in ("consent_gate", "agi"):
+            shutil.copytree(PROJECT_DIR / package, lib / package, ignore=ignore)
+        shutil.copytree(Path(asterisk.agi.__file__).parent, lib / "asterisk", ignore=ignore)
+        launcher = self.host_dir / "agi-bin" / "consent-gate-agi"
+        inside = self.inside_dir
+        launcher.write_text(
+            "#!/usr/bin/python3\n"
+            "# consent-gate AGI launcher written by the sandbox.\n"
+            "import sys\n"
+            f"sys.path.insert(0, {str(inside / 'agi-bin' / 'lib')!r})\n"
+            "from agi.consent_agi import main\n"
+            f"sys.exit(main(sys.argv[1:2] + ['--config', {str(inside / 'etc' / 'consent-gate.toml')!r}]))\n"
+        )
+        os.chmod(launcher, 0o755)
+
+    def write_gate_config(self, dsn: str, hmac_key: str, extra: str = "") -> Path:
+        """Settings for the AGI script (as Asterisk sees paths); the key goes to a 0600 file."""
+        inside = self.inside_dir
+        key_file = self.host_dir / "etc" / "hmac.key"
+        key_file.write_text(hmac_key)
+        os.chmod(key_file, 0o600)
+        config = self.host_dir / "etc" / "consent-gate.toml"
+        config.write_text(
+            "# Written by the consent-gate sandbox for the AGI script.\n"
+            f"[ledger]\ndsn = {dsn!r}\njournal_dir = {str(inside / 'journal')!r}\n\n"
+            f"[privacy]\nhmac_key_file = {str(inside / 'etc' / 'hmac.key')!r}\n\n"
+            f"[recordings]\ndir = {str(inside / 'recordings')!r}\n\n"
+            f"[prompts]\ndir = {str(inside / 'sounds' / 'consent-gate')!r}\n"
+            f"asterisk_dir = {str(inside / 'sounds' / 'consent-gate')!r}\n" + extra
+        )
+        os.chmod(config, 0o600)
+        return config
 
     def wait_booted(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout

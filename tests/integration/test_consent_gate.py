@@ -64,12 +64,17 @@ async def run_gate_call(
     phones: Phones, log: AsteriskLog, tag: str, *, line: Line | None = None, exten: str = "200",
     key: str | None = None, key_after_prompt: float = 1.0, prompt: str = "question-training",
     headers: dict[str, str] | None = None, caller_name: str | None = None, result_timeout: float = 20,
+    answered_by_gate: bool = True,
 ) -> GateCall:
-    """Dial the gate, press ``key`` ``key_after_prompt`` s into the question, answer as agent."""
+    """Dial the gate, press ``key`` ``key_after_prompt`` s into the question, answer as agent.
+
+    ``answered_by_gate=False``: the service is down, so nobody answers before the agent does.
+    """
     await drain_incoming(phones.agent)
     call = await (line or phones.caller).call(
         phones.uri(exten), headers={"X-Test-Call": tag, **(headers or {})}, caller_name=caller_name)
-    await call.wait_answered(10)
+    if answered_by_gate:
+        await call.wait_answered(10)
     keyed_at = None
     if key is not None:
         await log.wait_for(rf"Playing '[^']*/{prompt}\.", 10)
@@ -79,7 +84,7 @@ async def run_gate_call(
     result = await log.gate_result(tag, result_timeout)
     agent_call = await phones.agent.wait_incoming(20)
     await agent_call.answer()
-    await agent_call.wait_answered(10) if hasattr(agent_call, "wait_answered") else None
+    await call.wait_answered(10)
     return GateCall(call, result, agent_call, keyed_at)
 
 
@@ -255,7 +260,7 @@ async def test_app_not_running_means_unavailable_and_the_call_goes_on(
     await gate.stop()
     try:
         started = time.monotonic()
-        call = await run_gate_call(phones, asterisk_log, test_tag, result_timeout=10)
+        call = await run_gate_call(phones, asterisk_log, test_tag, result_timeout=10, answered_by_gate=False)
         assert call.result.status == "unavailable" and call.result.recording_id == ""
         assert time.monotonic() - started < 8, "the gate returns at once when the app is down"
         await call.caller.send_dtmf("1")  # pressing "1" now changes nothing

@@ -1,0 +1,133 @@
+"""consent-gate-agi: the consent dialog as a classic AGI script (pyst2 ``asterisk.agi``).
+
+    exten => _X.,1,Gosub(consent-gate-agi,s,1(training))
+
+The dialog itself is ``consent_gate.dialog`` — the same code the ARI service runs; this file
+only translates it to AGI commands (STREAM FILE with escape digits, WAIT FOR DIGIT, SET
+VARIABLE).  One process per call: pyst2 is blocking, so each AGI command runs in a worker
+thread while the event loop keeps the ledger's connection alive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+
+from consent_gate.config import ConfigError, Settings, load_settings
+from consent_gate.dialog import CallerHungUp, CallInfo, DialogState, GateContext, PromptRef, run_consent_dialog
+from consent_gate.events import Decision
+from consent_gate.journal import Journal
+from consent_gate.ledger import Ledger
+from consent_gate.logging import configure_logging
+from consent_gate.prompts import PromptCatalog, PromptError
+
+log = structlog.get_logger(__name__)
+
+
+def _agi_errors() -> tuple[type[BaseException], ...]:
+    from asterisk.agi import AGIAppError, AGIHangup, AGIUnknownError
+
+    # pyst2 raises AGIAppError (not an AGIHangup) for "result=-1", which is how Asterisk
+    # reports a hangup during STREAM FILE / WAIT FOR DIGIT, and AGIUnknownError for the bare
+    # "HANGUP" line Asterisk writes when the channel goes away: all mean the caller is gone.
+    return (AGIHangup, AGIAppError, AGIUnknownError, BrokenPipeError, EOFError)
+
+
+@dataclass
+class AgiPort:
+    """DialogPort over one AGI session."""
+
+    agi: Any
+    source: str = "agi"
+
+    async def _call(self, func: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(func, *args)
+        except _agi_errors() as error:
+            raise CallerHungUp() from error
+
+    async def play(self, prompt: PromptRef, *, stop_keys: str) -> str | None:
+        key = await self._call(self.agi.stream_file, prompt.media, stop_keys)
+        return key or None
+
+    async def wait_key(self, timeout: float) -> str | None:
+        key = await self._call(self.agi.wait_for_digit, int(timeout * 1000))
+        return key or None
+
+    async def set_result(self, status: str, consent_id: str, recording_id: str, confirmation: str) -> None:
+        # Status last: it is what the dialplan acts on.
+        for name, value in (("CONSENT_ID", consent_id), ("CONSENT_RECORDING_ID", recording_id),
+                            ("CONSENT_CONFIRMATION", confirmation), ("CONSENT_STATUS", status)):
+            await self._call(self.agi.set_variable, name, value)
+
+
+async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision | None:
+    port = AgiPort(agi)
+    env = agi.env
+    purpose = settings.purpose(purpose_name)
+    if purpose is None:
+        log.warning("consent.unknown_purpose")
+        return None  # CONSENT_STATUS stays "unavailable" (set by the dialplan before AGI)
+    call = CallInfo(
+        call_id=str(env.get("agi_uniqueid", ""))[:64],
+        caller_number=str(env.get("agi_callerid", "")),
+        language=str(env.get("agi_language", "")),
+    )
+    structlog.contextvars.bind_contextvars(call_id=call.call_id)
+    catalog = PromptCatalog.load(settings.prompts_dir)
+    ledger = Ledger(settings.database_dsn, Journal(settings.journal_dir),
+                    write_timeout=settings.ledger_write_timeout)
+    await ledger.start()
+    try:
+        gate = GateContext(settings, catalog, ledger)
+        await port._call(agi.answer)
+        result = await run_consent_dialog(port, call, purpose, gate, DialogState())
+        if result.status is not Decision.ABANDONED:
+            await port.set_result(str(result.status), result.consent_id, result.recording_id or "",
+                                  result.confirmation.media if result.confirmation else "")
+        return result.status
+    except CallerHungUp:
+        return Decision.ABANDONED
+    finally:
+        await ledger.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="consent-gate-agi",
+        description="Consent dialog as an AGI script: AGI(consent-gate-agi,<purpose>). "
+        "Reads the same settings as consent-gate-ari (--config or $CONSENT_GATE_CONFIG).",
+    )
+    parser.add_argument("purpose", help="purpose name from the purpose catalogue")
+    parser.add_argument("--config", type=Path)
+    args = parser.parse_args(argv)
+    # AGI speaks on stdout; logs go to stderr (Asterisk's console), never caller data to a shell.
+    configure_logging("json")
+    try:
+        settings = load_settings(args.config, require_ari=False)
+    except ConfigError as error:
+        print(f"consent-gate-agi: {error}", file=sys.stderr)
+        return 2
+    from asterisk.agi import AGI
+
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    # pyst2 echoes the whole AGI environment (caller ID included) to stderr: silence it.
+    agi = AGI(stdin=stdin, stdout=sys.stdout, stderr=open(os.devnull, "w"))
+    try:
+        asyncio.run(run_agi(settings, agi, args.purpose))
+    except PromptError as error:
+        log.error("consent.prompt_missing", error=str(error))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
