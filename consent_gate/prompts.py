@@ -142,9 +142,8 @@ def _wav_info(path: Path) -> tuple[int, int, int, int, bytes]:
 
 
 def _default_prompts_dir() -> Path:
-    env = os.environ.get("CONSENT_GATE_PROMPTS_DIR")
-    if env:
-        return Path(env)
+    # The repository's prompts/ (texts, params, sounds, manifest).  Deliberately not
+    # CONSENT_GATE_PROMPTS_DIR: that setting names the runtime *sounds* directory.
     return Path(__file__).resolve().parent.parent / "prompts"
 
 
@@ -626,16 +625,19 @@ class PromptCatalog:
     @classmethod
     def load(cls, sounds_dir: Path | str, manifest_path: Path | str | None = None) -> PromptCatalog:
         sounds_dir = Path(sounds_dir)
+        if not sounds_dir.is_dir():
+            raise PromptError(f"prompt sounds directory not found: {sounds_dir}")
         if manifest_path is None:
             if (sounds_dir / SOUNDS_DIRNAME).is_dir() and (sounds_dir / MANIFEST_NAME).is_file():
                 sounds_dir = sounds_dir / SOUNDS_DIRNAME  # given the prompts/ root
-                manifest_path = sounds_dir.parent / MANIFEST_NAME
-            elif (sounds_dir / MANIFEST_NAME).is_file():
-                manifest_path = sounds_dir / MANIFEST_NAME
-            else:
-                manifest_path = sounds_dir.parent / MANIFEST_NAME
-        if not sounds_dir.is_dir():
-            raise PromptError(f"prompt sounds directory not found: {sounds_dir}")
+            candidates = [sounds_dir / MANIFEST_NAME, sounds_dir.parent / MANIFEST_NAME]
+            found = [c for c in candidates if c.is_file()]
+            if not found:
+                raise PromptError(
+                    f"prompt manifest not found: looked for {candidates[0]} and {candidates[1]}; "
+                    f"copy prompts/{MANIFEST_NAME} beside the sounds or pass manifest_path"
+                )
+            manifest_path = found[0]
         return cls(sounds_dir, Path(manifest_path))
 
     def reload(self) -> None:
