@@ -53,16 +53,17 @@ def test_append_round_trip(tmp_path: Path) -> None:
 
 def test_append_fsyncs_before_returning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     journal = Journal(tmp_path / "journal")
-    synced: list[int] = []
+    journal.append(make_event("first"))  # the directory and the file exist from now on
+    synced: list[str] = []
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
-        synced.append(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    journal.append(make_event())
-    assert synced, "append returned without fsync"
+    journal.append(make_event("second"))
+    assert str(journal.path) in synced, f"append returned without fsyncing the journal file: {synced}"
 
 
 def test_append_fails_loudly_when_unwritable(tmp_path: Path) -> None:

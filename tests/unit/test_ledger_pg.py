@@ -237,6 +237,48 @@ async def test_background_replayer_moves_the_journal_when_the_database_returns(
     assert ledger._replayer is None  # close() stopped the task
 
 
+class ObservedJournal(Journal):
+    """A journal that tells the test each time a drain has finished."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.drained = asyncio.Event()
+
+    async def drain(self, store: Any) -> int:
+        try:
+            return await super().drain(store)
+        finally:
+            self.drained.set()
+
+
+async def test_a_journaled_event_wakes_the_replayer_at_once(pg_dsn: str, tmp_path: Path) -> None:
+    """The replay interval is an hour: only the append's wake-up can replay within the bound."""
+    attempts = 0
+
+    async def connect(dsn: str, **kwargs: Any) -> asyncpg.Pool:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 2:  # start() and the append's write find the database down
+            raise ConnectionRefusedError("database down (simulated)")
+        return await asyncpg.create_pool(dsn, **kwargs)
+
+    journal = ObservedJournal(tmp_path / "journal")
+    ledger = Ledger(pg_dsn, journal, write_timeout=2.0, replay_interval=3600, connect=connect)
+    call = unique_call()
+    try:
+        await ledger.start()
+        await asyncio.wait_for(journal.drained.wait(), T)  # the replayer's first pass (nothing to do)
+        journal.drained.clear()
+        event = make_event(call)
+        assert await ledger.append(event) is Durability.JOURNAL
+        await asyncio.wait_for(journal.drained.wait(), T)
+        assert journal.backlog() == 0
+        [row] = await rows_for(pg_dsn, call)
+        assert row["event_id"] == event.event_id and row["via_journal"] is True
+    finally:
+        await ledger.close()
+
+
 async def test_degraded_clears_only_when_the_database_answers(pg_dsn: str, tmp_path: Path) -> None:
     ledger = Ledger("postgresql://nobody@127.0.0.1:1/none", Journal(tmp_path / "journal"), write_timeout=2.0)
     try:
