@@ -42,8 +42,10 @@ SID_MIRROR = "http://deb.debian.org/debian"
 # Bump ROOT_FORMAT when the package list changes: an older cached root is then rebuilt.
 # python3 with asyncpg and structlog runs the AGI script inside the root (AGI programs are
 # executed by Asterisk, so they live where Asterisk lives).
-ROOT_PACKAGES = ("asterisk", "asterisk-core-sounds-en-wav", "python3", "python3-asyncpg", "python3-structlog")
-ROOT_FORMAT = 3
+ROOT_PACKAGES = (
+    "asterisk", "asterisk-core-sounds-en-wav", "python3", "python3-asyncpg", "python3-structlog", "python3-six",
+)
+ROOT_FORMAT = 4
 
 
 class SandboxError(RuntimeError):

@@ -1,14 +1,19 @@
-"""The consent gate through the real Asterisk with real SIP calls (ARI path, extension 200).
+"""The consent gate through the real Asterisk with real SIP calls, on both paths.
 
-Every case checks what the caller's choice must and must not cause: a recording only after
-the consent key, the agent reached in every case but a hangup, the ledger telling the truth.
+Every test runs twice with identical expectations: through the ARI service (extension 200,
+``Gosub(consent-gate,...)``) and through the AGI script (extension 300,
+``Gosub(consent-gate-agi,...)``).  Every case checks what the caller's choice must and must not
+cause: a recording only after the consent key, the agent reached in every case but a hangup,
+the ledger telling the truth.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,13 +106,26 @@ async def finish(call: GateCall) -> None:
         await call.agent.wait_hangup(10)
 
 
+GATE_EXTENSIONS = {"ari": "200", "agi": "300"}
+
+
+@pytest.fixture(params=sorted(GATE_EXTENSIONS))
+def gate_path(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def exten(gate_path: str) -> str:
+    return GATE_EXTENSIONS[gate_path]
+
+
 # -- consent ------------------------------------------------------------------------------
 
 async def test_consent_key_records_only_after_the_keypress(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService,
-    pg_dsn: str, speech_wav: Path, test_tag: str, recordings_before: set[str],
+    pg_dsn: str, speech_wav: Path, test_tag: str, recordings_before: set[str], exten: str, gate_path: str,
 ) -> None:
-    call = await run_gate_call(phones, asterisk_log, test_tag, key="1", key_after_prompt=2.0)
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, key="1", key_after_prompt=2.0)
     assert call.result.status == "granted"
     assert HEX32.match(call.result.recording_id)
     agent_answered = time.monotonic()
@@ -140,7 +158,7 @@ async def test_consent_key_records_only_after_the_keypress(
     assert event["language"] == "en" and event["purpose"] == "training" and event["legal_basis"] == "consent"
     assert re.fullmatch(r"[0-9a-f]{64}", event["caller_ref"]) and event["caller_number"] is None
     assert event["prompt_started_at"] <= event["decided_at"] <= event["occurred_at"]
-    assert not event["via_journal"]
+    assert not event["via_journal"] and event["source"] == gate_path
 
     # Keypress → MixMonitor start, from Asterisk's own log timestamps (reported, not asserted).
     log_text = asterisk_log.text()
@@ -156,9 +174,9 @@ async def test_consent_key_records_only_after_the_keypress(
 @pytest.mark.parametrize("line_name, language", [("caller", "en"), ("caller_da", "da")])
 async def test_prompt_in_the_channel_language(
     asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str, test_tag: str,
-    line_name: str, language: str,
+    line_name: str, language: str, exten: str,
 ) -> None:
-    call = await run_gate_call(phones, asterisk_log, test_tag, line=getattr(phones, line_name), key="2")
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, line=getattr(phones, line_name), key="2")
     assert re.search(rf"Playing '[^']*/consent-gate/{language}/question-training\.", asterisk_log.text())
     # The caller heard the prompt (audio, not just a log line).
     assert audio.rms_dbfs(call.caller.heard_segment(0.2, 1.0)) > -40
@@ -171,8 +189,9 @@ async def test_prompt_in_the_channel_language(
 
 async def test_sip_info_dtmf_is_accepted_too(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, test_tag: str,
+    exten: str,
 ) -> None:
-    call = await run_gate_call(phones, asterisk_log, test_tag, line=phones.caller_info, key="1")
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, line=phones.caller_info, key="1")
     assert call.result.status == "granted"
     await call.caller.play_silence(1.0)
     await finish(call)
@@ -183,9 +202,9 @@ async def test_sip_info_dtmf_is_accepted_too(
 
 async def test_decline_key_records_nothing(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    speech_wav: Path, test_tag: str, recordings_before: set[str],
+    speech_wav: Path, test_tag: str, recordings_before: set[str], exten: str,
 ) -> None:
-    call = await run_gate_call(phones, asterisk_log, test_tag, key="2")
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, key="2")
     assert call.result.status == "declined" and call.result.recording_id == ""
     await call.caller.play_wav(speech_wav)
     await finish(call)
@@ -197,10 +216,10 @@ async def test_decline_key_records_nothing(
 
 async def test_silence_is_not_consent(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    test_tag: str, recordings_before: set[str],
+    test_tag: str, recordings_before: set[str], exten: str,
 ) -> None:
     # Question (≈25 s) + 5 s, asked twice: the result comes after about a minute.
-    call = await run_gate_call(phones, asterisk_log, test_tag, result_timeout=90)
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, result_timeout=90)
     assert call.result.status == "no-input"
     assert len(re.findall(r"Playing '[^']*/question-training\.", asterisk_log.text())) == 2
     await finish(call)
@@ -212,9 +231,9 @@ async def test_silence_is_not_consent(
 
 async def test_invalid_key_then_silence_records_nothing(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    test_tag: str, recordings_before: set[str],
+    test_tag: str, recordings_before: set[str], exten: str,
 ) -> None:
-    call = await run_gate_call(phones, asterisk_log, test_tag, key="7", result_timeout=90)
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, key="7", result_timeout=90)
     assert call.result.status == "no-input"
     assert re.search(r"Playing '[^']*/invalid\.", asterisk_log.text())
     await finish(call)
@@ -225,44 +244,57 @@ async def test_invalid_key_then_silence_records_nothing(
 
 async def test_hangup_during_the_prompt_is_logged_as_abandoned(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    test_tag: str, recordings_before: set[str],
+    test_tag: str, recordings_before: set[str], exten: str, gate_path: str,
 ) -> None:
     await drain_incoming(phones.agent)
-    call = await phones.caller.call(phones.uri("200"), headers={"X-Test-Call": test_tag})
+    call = await phones.caller.call(phones.uri(exten), headers={"X-Test-Call": test_tag})
     await call.wait_answered(10)
-    channel = await asterisk_log.wait_for(r"Stasis\(\"(PJSIP/caller-[0-9a-f]+)\"", 10)
     await asterisk_log.wait_for(r"Playing '[^']*/question-training\.", 10)
+    since = time.time()
     await call.hangup()
     connection = await asyncpg.connect(pg_dsn)
     try:
-        async def abandoned() -> list:
-            return await connection.fetch(
-                "SELECT * FROM consent_events WHERE event = 'abandoned' AND prompt_started_at > now() - interval '1 minute'"
-                " AND call_id NOT IN (SELECT call_id FROM consent_events WHERE event <> 'abandoned')")
-        deadline = time.monotonic() + 10
-        rows = await abandoned()
+        query = ("SELECT * FROM consent_events WHERE event = 'abandoned' AND source = $1"
+                 " AND stored_at >= to_timestamp($2)")
+        deadline = time.monotonic() + 15
+        rows = await connection.fetch(query, gate_path, since - 1)
         while not rows and time.monotonic() < deadline:
             await _pause(0.1)
-            rows = await abandoned()
+            rows = await connection.fetch(query, gate_path, since - 1)
     finally:
         await connection.close()
-    assert rows, f"no abandoned event for {channel.group(1)}"
+    assert len(rows) == 1, "one abandoned event for the hung-up call"
+    assert rows[0]["recording_id"] is None and rows[0]["digit"] is None
     with pytest.raises(NoIncomingCall):
         await phones.agent.wait_incoming(3)
     assert recording_files(asterisk) == recordings_before
     assert "consent-result: test=" + test_tag not in asterisk_log.text()
 
 
-async def test_app_not_running_means_unavailable_and_the_call_goes_on(
-    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService,
-    test_tag: str, recordings_before: set[str],
-) -> None:
-    await gate.stop()
+@contextlib.contextmanager
+def agi_script_broken(asterisk: AsteriskSandbox) -> Iterator[None]:
+    """The AGI equivalent of 'the app is down': Asterisk cannot execute the script."""
+    launcher = asterisk.host_dir / "agi-bin" / "consent-gate-agi"
+    launcher.chmod(0o600)
     try:
-        started = time.monotonic()
-        call = await run_gate_call(phones, asterisk_log, test_tag, result_timeout=10, answered_by_gate=False)
+        yield
+    finally:
+        launcher.chmod(0o755)
+
+
+async def test_gate_down_means_unavailable_and_the_call_goes_on(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService,
+    test_tag: str, recordings_before: set[str], exten: str, gate_path: str,
+) -> None:
+    if gate_path == "ari":
+        await gate.stop()
+    try:
+        with agi_script_broken(asterisk) if gate_path == "agi" else contextlib.nullcontext():
+            started = time.monotonic()
+            call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, result_timeout=10,
+                                       answered_by_gate=False)
         assert call.result.status == "unavailable" and call.result.recording_id == ""
-        assert time.monotonic() - started < 8, "the gate returns at once when the app is down"
+        assert time.monotonic() - started < 8, "the gate returns at once when it is down"
         await call.caller.send_dtmf("1")  # pressing "1" now changes nothing
         await call.caller.play_silence(1.0)
         await finish(call)
