@@ -22,7 +22,15 @@ from typing import Any, Callable
 import structlog
 
 from consent_gate.config import ConfigError, Settings, load_settings
-from consent_gate.dialog import CallerHungUp, CallInfo, DialogState, GateContext, PromptRef, run_consent_dialog
+from consent_gate.dialog import (
+    CallerHungUp,
+    CallInfo,
+    DialogResult,
+    DialogState,
+    GateContext,
+    PromptRef,
+    run_consent_dialog,
+)
 from consent_gate.events import Decision
 from consent_gate.journal import Journal
 from consent_gate.ledger import Ledger
@@ -62,10 +70,8 @@ class AgiPort:
         key = await self._call(self.agi.wait_for_digit, int(timeout * 1000))
         return key or None
 
-    async def set_result(self, status: str, consent_id: str, recording_id: str, confirmation: str) -> None:
-        # Status last: it is what the dialplan acts on.
-        for name, value in (("CONSENT_ID", consent_id), ("CONSENT_RECORDING_ID", recording_id),
-                            ("CONSENT_CONFIRMATION", confirmation), ("CONSENT_STATUS", status)):
+    async def set_result(self, result: DialogResult) -> None:
+        for name, value in result.channel_variables().items():
             await self._call(self.agi.set_variable, name, value)
 
 
@@ -91,8 +97,7 @@ async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision |
         await port._call(agi.answer)
         result = await run_consent_dialog(port, call, purpose, gate, DialogState())
         if result.status is not Decision.ABANDONED:
-            await port.set_result(str(result.status), result.consent_id, result.recording_id or "",
-                                  result.confirmation.media if result.confirmation else "")
+            await port.set_result(result)
         return result.status
     except CallerHungUp:
         return Decision.ABANDONED

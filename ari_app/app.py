@@ -45,6 +45,9 @@ class ConsentGateApp:
                 await self._release_orphans()
             case "TransportDisconnected":
                 self.connected.clear()
+                # A PlaybackFinished or DTMF may have been lost: every open dialog fails closed.
+                for session in list(self.sessions.values()):
+                    session.deliver(event)
             case "StasisStart":
                 self._on_stasis_start(event)
             case _:

@@ -36,6 +36,10 @@ from .transport import AriClient, AriError, ChannelGone
 log = structlog.get_logger(__name__)
 
 RELEASE_TIMEOUT = 3.0
+
+
+class TransportLost(RuntimeError):
+    """The events websocket dropped: events for this call may be lost, so the dialog fails closed."""
 HANGUP_EVENTS = frozenset({"StasisEnd", "ChannelDestroyed", "ChannelHangupRequest"})
 
 
@@ -110,6 +114,8 @@ class CallSession:
             return {"type": "Timeout"}
         if event.get("type") in HANGUP_EVENTS:
             raise CallerHungUp()
+        if event.get("type") == "TransportDisconnected":
+            raise TransportLost(str(event.get("reason", "")))
         return event
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -136,13 +142,7 @@ class CallSession:
 
     async def _hand_back(self, result: DialogResult) -> None:
         """Set the result variables (status last: it is what the dialplan acts on) and continue."""
-        variables = {
-            "CONSENT_ID": result.consent_id,
-            "CONSENT_RECORDING_ID": result.recording_id or "",
-            "CONSENT_CONFIRMATION": result.confirmation.media if result.confirmation else "",
-            "CONSENT_STATUS": str(result.status),
-        }
-        for name, value in variables.items():
+        for name, value in result.channel_variables().items():
             await self.client.set_var(self.channel_id, name, value)
         await self.client.continue_in_dialplan(self.channel_id)
         self.released = True

@@ -13,7 +13,8 @@ from typing import Any
 import asyncpg
 
 from . import prompts
-from .ledger import SQL_DIR, migrate
+from .journal import Journal
+from .ledger import SQL_DIR, Ledger, migrate
 
 
 def _dsn(args: argparse.Namespace) -> str:
@@ -54,6 +55,25 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
 
 
+def _journal(args: argparse.Namespace) -> int:
+    journal = Journal(args.dir)
+    if args.journal_command == "show":
+        events = journal.pending()
+        _print_rows([{"occurred_at": e.occurred_at, "event": str(e.event), "consent_id": e.consent_id,
+                      "call_id": e.call_id, "purpose": e.purpose, "digit": e.digit} for e in events], False)
+        return 0
+
+    async def replay() -> int:
+        ledger = Ledger(_dsn(args), journal)
+        try:
+            return await ledger.replay_journal()
+        finally:
+            await ledger.close()
+
+    print(f"replayed {asyncio.run(replay())} event(s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="consent-gate", description="consent-gate administration")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("--consent-id", help="decision id (CONSENT_ID)")
     hist.add_argument("--json", action="store_true", help="JSON instead of a table")
 
+    journal = sub.add_parser("journal", help="the local journal of decisions the database could not take")
+    journal_sub = journal.add_subparsers(dest="journal_command", required=True)
+    for name, help_text in (("show", "list journaled events not yet in the database"),
+                            ("replay", "move journaled events into the database (idempotent)")):
+        cmd = journal_sub.add_parser(name, help=help_text)
+        cmd.add_argument("--dir", required=True, type=Path, help="journal directory (ledger.journal_dir)")
+        cmd.add_argument("--dsn", help="PostgreSQL DSN (default $CONSENT_GATE_DSN)")
+
     prompts.register_cli(sub)
     args = parser.parse_args(argv)
     match args.command:
@@ -77,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             applied = asyncio.run(migrate(_dsn(args)))
             print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
             return 0
+        case "journal":
+            return _journal(args)
         case "history":
             rows = asyncio.run(_history(_dsn(args), args.call, args.consent_id))
             _print_rows(rows, args.json)

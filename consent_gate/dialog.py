@@ -86,6 +86,7 @@ class DialogState:
     digit: str | None = None
     invalid_keys: list[str] = field(default_factory=list)
     decision: Decision | None = None
+    failure: str | None = None
     recording_id: str | None = None
     durability: Durability | None = None
 
@@ -96,6 +97,19 @@ class DialogResult:
     consent_id: str
     recording_id: str | None
     confirmation: PromptRef | None
+    record_legs: bool = False
+
+    def channel_variables(self) -> dict[str, str]:
+        """What the dialplan reads after the dialog, in the order to set them: status last,
+        because it is the variable the dialplan acts on."""
+        return {
+            "CONSENT_ID": self.consent_id,
+            "CONSENT_RECORDING_ID": self.recording_id or "",
+            # Caller and agent legs as separate files too, for purposes that make training copies.
+            "CONSENT_RECORD_LEGS": "1" if self.record_legs and self.recording_id else "",
+            "CONSENT_CONFIRMATION": self.confirmation.media if self.confirmation else "",
+            "CONSENT_STATUS": str(self.status),
+        }
 
 
 @dataclass
@@ -145,6 +159,11 @@ async def run_consent_dialog(
         except CallerHungUp:
             state.decision = Decision.ABANDONED
             state.decided_at = gate.clock()
+        except Exception as error:  # the adapter failed (ARI gone, AGI broken): fail closed, but say so
+            state.decision = Decision.UNAVAILABLE
+            state.decided_at = gate.clock()
+            state.failure = f"{type(error).__name__}: {error}"[:200]
+            log_call.warning("consent.dialog_port_failed", error=state.failure)
     state.phase = Phase.STORING
     result = await asyncio.shield(_store(call, purpose, gate, state, port.source))
     state.phase = Phase.DONE
@@ -206,7 +225,8 @@ async def _store(
             recording_id=recording,
             prompt_started_at=state.prompt_started_at,
             decided_at=state.decided_at,
-            detail={"invalid_keys": state.invalid_keys, "attempts": state.attempt, **detail},
+            detail={"invalid_keys": state.invalid_keys, "attempts": state.attempt,
+                    **({"failure": state.failure} if state.failure else {}), **detail},
         )
 
     if wants_recording and not settings.record_when_journaled:
@@ -229,4 +249,5 @@ async def _store(
         decision is Decision.UNAVAILABLE and state.prompt_started_at is not None
     ):
         confirmation = gate.prompt(state.language, "declined")
-    return DialogResult(decision, str(state.consent_id), recording_id, confirmation)
+    return DialogResult(decision, str(state.consent_id), recording_id, confirmation,
+                        record_legs=purpose.training_copy)

@@ -7,6 +7,7 @@ Nothing here skips: if Asterisk, PostgreSQL or the SIP stack cannot start, the t
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import uuid
@@ -22,13 +23,23 @@ from consent_gate.rig.softphone import Line, Softphone
 
 pytestmark = pytest.mark.integration
 
-# Ports of the test sandbox: away from 5060/8088 and from the demo's defaults.
+# Ports of the test sandbox: away from 5060/8088 and from the demo's defaults.  Two test runs
+# on one machine (two developers, two sessions) set CONSENT_GATE_SANDBOX_NAME and the
+# CONSENT_GATE_SANDBOX_*_PORT variables (and CONSENT_GATE_TEST_PG_PORT) to stay apart.
 TEST_SANDBOX = dict(name="test", sip_port=25160, http_port=28188, ami_port=25138, rtp_start=26400, rtp_end=26799)
+_ENV_NAMES = dict(name="NAME", sip_port="SIP_PORT", http_port="HTTP_PORT", ami_port="AMI_PORT",
+                  rtp_start="RTP_START", rtp_end="RTP_END")
+
+
+def sandbox_settings_for_tests() -> SandboxSettings:
+    defaults = {key: value for key, value in TEST_SANDBOX.items()
+                if not os.environ.get(f"CONSENT_GATE_SANDBOX_{_ENV_NAMES[key]}")}
+    return SandboxSettings.from_env(**defaults)
 
 
 @pytest.fixture(scope="session")
 def asterisk() -> Iterator[AsteriskSandbox]:
-    sandbox = AsteriskSandbox(SandboxSettings.from_env(**TEST_SANDBOX))
+    sandbox = AsteriskSandbox(sandbox_settings_for_tests())
     sandbox.up()
     try:
         yield sandbox
@@ -104,6 +115,15 @@ def test_tag() -> str:
 
 def recording_files(asterisk: AsteriskSandbox) -> set[str]:
     return {p.name for p in asterisk.recordings_dir.iterdir()}
+
+
+def recording_set(recording_id: str, *, legs: bool = True) -> set[str]:
+    """The files one consented recording makes: the mix, and for training-copy purposes
+    (the default "training") the caller and agent legs too."""
+    names = {f"{recording_id}.wav"}
+    if legs:
+        names |= {f"{recording_id}-caller.wav", f"{recording_id}-agent.wav"}
+    return names
 
 
 @pytest.fixture

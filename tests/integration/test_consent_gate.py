@@ -25,7 +25,7 @@ from consent_gate.rig.harness import AsteriskLog, GateResult, GateService
 from consent_gate.rig.sandbox import AsteriskSandbox
 from consent_gate.rig.softphone import Line, NoIncomingCall, PhoneCall
 
-from .conftest import Phones, recording_files, wait_until
+from .conftest import Phones, recording_files, recording_set, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -136,9 +136,13 @@ async def test_consent_key_records_only_after_the_keypress(
 
     expected = f"{call.result.recording_id}.wav"
     await wait_until(lambda: expected in recording_files(asterisk), 10, "the recording file")
-    assert recording_files(asterisk) - recordings_before == {expected}, "exactly one new recording"
+    await wait_until(lambda: recording_files(asterisk) - recordings_before == recording_set(call.result.recording_id),
+                     10, "the mix and the two legs")
+    assert recording_files(asterisk) - recordings_before == recording_set(call.result.recording_id), \
+        "exactly one new recording (mix + legs)"
+    for name in recording_set(call.result.recording_id):
+        assert (asterisk.recordings_dir / name).stat().st_mode & 0o777 == 0o600
     path = asterisk.recordings_dir / expected
-    assert path.stat().st_mode & 0o777 == 0o600
     rate, samples = audio.read_wav(path)
     length = len(samples) / rate
     # Nothing from before the keypress: the recording is no longer than keypress → hangup.
