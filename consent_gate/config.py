@@ -30,6 +30,7 @@ _SECTION_KEYS: dict[str, frozenset[str] | None] = {
     "dialog": frozenset({"accept_key", "decline_key", "reciprocal_key", "digit_timeout", "repeats",
                          "withdraw_code"}),
     "purposes": None,
+    "api": frozenset({"listen", "token_file"}),
 }
 _LANGUAGE = re.compile(r"^[a-z]{2}$")
 
@@ -85,6 +86,9 @@ class Settings:
     default_language: str = "en"
     dialog: DialogSettings = field(default_factory=DialogSettings)
     purposes: Mapping[str, Purpose] = field(default_factory=lambda: dict(DEFAULT_PURPOSES))
+    # Data-subject HTTP API (consent_gate/api.py); its token is read only when the API starts.
+    api_listen: str = "127.0.0.1:8089"
+    api_token_file: str | None = None
 
     def purpose(self, name: str) -> Purpose | None:
         return self.purposes.get(name)
@@ -198,6 +202,7 @@ def load_settings(
     privacy = data.get("privacy", {})
     recordings = data.get("recordings", {})
     prompts = data.get("prompts", {})
+    api = data.get("api", {})
 
     def pick(env_name: str, table: Mapping[str, Any], key: str, where: str, default: Any = ...) -> Any:
         if env.get(env_name):
@@ -233,6 +238,8 @@ def load_settings(
             dialog=_parse_dialog(data.get("dialog", {}), f"{name}: dialog"),
             purposes=_parse_purposes(data["purposes"], f"{name}: purposes") if "purposes" in data
             else dict(DEFAULT_PURPOSES),
+            api_listen=pick("CONSENT_GATE_API_LISTEN", api, "listen", "api", "127.0.0.1:8089"),
+            api_token_file=_get(api, "token_file", str, f"{name}: api", None),
         )
     except ConfigError:
         raise
@@ -242,4 +249,7 @@ def load_settings(
                           "two-letter language code")
     if not 0.1 <= settings.ledger_write_timeout <= 30:
         raise ConfigError(f"{name}: ledger.write_timeout: outside 0.1..30 seconds")
+    host, _, port = settings.api_listen.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: api.listen: {settings.api_listen!r} is not host:port")
     return settings
