@@ -1,0 +1,346 @@
+"""Voice de-identification for training copies: McAdams-coefficient LPC pole warping.
+
+What it does
+------------
+The signal is cut into 20 ms frames (10 ms hop, square-root Hann windows, so that analysis
+and synthesis windows multiply to a Hann window that overlap-adds to one).  For each frame
+an LPC all-pole model ``1/A(z)`` is estimated (autocorrelation method, Levinson via
+``scipy.linalg.solve_toeplitz``); the frame is inverse-filtered to its residual (the
+excitation: pitch pulses and noise), every complex pole pair of ``A`` is moved from angle
+``phi`` to ``phi ** alpha`` with its radius unchanged, and the residual is filtered through
+the warped model.  The frame's energy is restored and the frames are overlap-added.  This is
+the signal-processing baseline of the VoicePrivacy Challenge (McAdams coefficient
+``alpha``; Patino et al., 2021) re-implemented here in numpy/scipy.
+
+Why the range differs at 8 kHz
+-------------------------------
+``phi ** alpha`` has its fixed point at ``phi = 1 rad``.  At 16 kHz that is 2546 Hz; at 8 kHz
+it is 1273 Hz, right between the first and second formant.  With ``alpha < 1`` formants below
+1273 Hz move up and those above move down (the spectrum is squeezed towards 1273 Hz); the
+challenge's 16 kHz settings therefore do not transfer.  ``DEFAULT_COEFFICIENT_RANGE`` was
+picked from the trade-off curve in ``bench/anonymisation`` (see ``docs/anonymisation.md``).
+
+Randomness
+----------
+``alpha`` (and the optional pitch shift) are drawn per call of :func:`anonymise` from
+``secrets.SystemRandom`` unless a generator is passed (tests pass a seeded
+``numpy.random.Generator``).  The drawn values are never returned, logged or stored.
+
+Pitch shift (optional)
+----------------------
+With ``pitch_semitones`` set, the residual (not the speech: the formant envelope stays where
+the McAdams step put it) is time-stretched by WSOLA and resampled back to its length, which
+moves the pitch by the drawn number of semitones and keeps the duration.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from scipy.linalg import solve_toeplitz
+from scipy.signal import lfilter, resample_poly
+
+__all__ = [
+    "DEFAULT_COEFFICIENT_RANGE",
+    "DEFAULT_PITCH_SEMITONES",
+    "FIXED_POINT_RAD",
+    "AnonymiserSettings",
+    "AudioFormatError",
+    "anonymise",
+    "anonymise_file",
+    "draw_parameters",
+    "lpc",
+    "mcadams",
+    "pitch_shift",
+    "read_wav_mono",
+    "warp_poles",
+    "write_wav",
+]
+
+SAMPLE_RATE = 8000
+FIXED_POINT_RAD = 1.0
+#: McAdams coefficient range drawn from per recording (chosen from bench/anonymisation).
+DEFAULT_COEFFICIENT_RANGE: tuple[float, float] = (0.60, 0.80)
+#: Magnitude range of the optional random pitch shift, in semitones (the sign is random too).
+DEFAULT_PITCH_SEMITONES: tuple[float, float] = (2.0, 4.0)
+_EPS = 1e-10
+
+
+class AudioFormatError(ValueError):
+    """The input is not audio this module can process (not 8 kHz 16-bit PCM WAV, ...)."""
+
+
+class RandomSource(Protocol):
+    """``random.Random``/``secrets.SystemRandom`` and ``numpy.random.Generator`` both fit."""
+
+    def uniform(self, low: float, high: float) -> float: ...  # noqa: E704
+    def random(self) -> float: ...  # noqa: E704
+
+
+@dataclass(frozen=True)
+class AnonymiserSettings:
+    """How the caller's voice is changed.
+
+    ``coefficient_range``: McAdams ``alpha`` is drawn uniformly from it per recording;
+    ``coefficient`` fixes it instead (benchmarks, audits; never the default: a fixed, known
+    coefficient makes the transform easier to learn).  ``pitch_semitones``: ``None`` for no
+    pitch shift, else the magnitude range in semitones (random sign).
+    """
+
+    coefficient_range: tuple[float, float] = DEFAULT_COEFFICIENT_RANGE
+    coefficient: float | None = None
+    pitch_semitones: tuple[float, float] | None = None
+    lpc_order: int = 12
+    frame_ms: float = 20.0  # analysis frame; the hop is half of it
+
+    def __post_init__(self) -> None:
+        low, high = self.coefficient_range
+        if not 0.3 <= low <= high <= 2.0:
+            raise ValueError(f"coefficient_range {self.coefficient_range} must lie within 0.3..2.0, low <= high")
+        if self.coefficient is not None and not 0.3 <= self.coefficient <= 2.0:
+            raise ValueError(f"coefficient {self.coefficient} must lie within 0.3..2.0")
+        if self.pitch_semitones is not None:
+            p_low, p_high = self.pitch_semitones
+            if not 0.0 <= p_low <= p_high <= 12.0:
+                raise ValueError(f"pitch_semitones {self.pitch_semitones} must lie within 0..12, low <= high")
+        if not 4 <= self.lpc_order <= 40:
+            raise ValueError(f"lpc_order {self.lpc_order} must lie within 4..40")
+        if not 5.0 <= self.frame_ms <= 60.0:
+            raise ValueError(f"frame_ms {self.frame_ms} must lie within 5..60")
+
+
+def _system_random() -> RandomSource:
+    return secrets.SystemRandom()
+
+
+def draw_parameters(settings: AnonymiserSettings, rng: RandomSource | None = None) -> tuple[float, float]:
+    """``(alpha, pitch_factor)`` for one recording.  Callers must not keep them."""
+    rng = rng or _system_random()
+    alpha = settings.coefficient if settings.coefficient is not None else float(
+        rng.uniform(*settings.coefficient_range))
+    factor = 1.0
+    if settings.pitch_semitones is not None:
+        semitones = float(rng.uniform(*settings.pitch_semitones))
+        if rng.random() < 0.5:
+            semitones = -semitones
+        factor = 2.0 ** (semitones / 12.0)
+    return alpha, factor
+
+
+# -- LPC and pole warping ------------------------------------------------------------------
+
+def lpc(frame: np.ndarray, order: int) -> np.ndarray:
+    """LPC polynomial ``[1, a1, ..., ap]`` of a (windowed) frame, autocorrelation method.
+
+    The autocorrelation matrix is made strictly positive definite (a tiny white-noise floor and
+    a Gaussian lag window), so the model is minimum phase: all poles inside the unit circle.
+    """
+    n = len(frame)
+    spectrum = np.fft.rfft(frame, 2 * n)
+    r = np.fft.irfft(np.abs(spectrum) ** 2)[: order + 1]
+    if r[0] <= _EPS:
+        a = np.zeros(order + 1)
+        a[0] = 1.0
+        return a
+    lag = np.arange(order + 1)
+    r = r * np.exp(-0.5 * (2 * np.pi * 40.0 / SAMPLE_RATE * lag) ** 2)  # 40 Hz lag window
+    r[0] *= 1.0 + 1e-6
+    coefficients = solve_toeplitz(r[:order], -r[1: order + 1])
+    return np.concatenate(([1.0], coefficients))
+
+
+def warp_poles(a: np.ndarray, alpha: float) -> np.ndarray:
+    """Move each complex pole from angle ``phi`` to ``phi ** alpha`` (radius kept).
+
+    Real poles stay.  Angles are kept inside (0, pi); conjugate pairs stay pairs, so the
+    returned polynomial is real.  Radii are unchanged, so a stable model stays stable.
+    """
+    if alpha == 1.0 or len(a) < 2:
+        return np.array(a, dtype=float)
+    poles = np.roots(a)
+    angles = np.angle(poles)
+    complex_ = np.abs(poles.imag) > 1e-12
+    magnitude = np.abs(angles[complex_])
+    warped = np.clip(magnitude ** alpha, 1e-6, np.pi - 1e-6) * np.sign(angles[complex_])
+    poles = poles.astype(complex)
+    poles[complex_] = np.abs(poles[complex_]) * np.exp(1j * warped)
+    return np.real(np.poly(poles))
+
+
+def _windows(rate: int, settings: AnonymiserSettings) -> tuple[int, int, np.ndarray]:
+    hop = max(2, int(round(rate * settings.frame_ms / 2000)))
+    size = 2 * hop
+    # Periodic sqrt-Hann: analysis x synthesis = Hann, which sums to 1 at 50 % overlap.
+    window = np.sqrt(0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / size))
+    return size, hop, window
+
+
+def mcadams(samples: np.ndarray, rate: int, alpha: float, *, pitch_factor: float = 1.0,
+            settings: AnonymiserSettings | None = None) -> np.ndarray:
+    """The McAdams transform with a given ``alpha`` (float samples in, float samples out).
+
+    The output has the input's length; each frame keeps its input energy.  With
+    ``alpha == 1`` and no pitch shift the input is reconstructed (up to rounding).
+    """
+    settings = settings or AnonymiserSettings()
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError("mono samples expected")
+    if len(x) == 0:
+        return x.copy()
+    size, hop, window = _windows(rate, settings)
+    # Half a frame of padding in front, and enough behind, so every sample is under two frames.
+    count = int(math.ceil(len(x) / hop)) + 1
+    padded = np.zeros((count - 1) * hop + size)
+    padded[hop: hop + len(x)] = x
+    order = settings.lpc_order
+    out = np.zeros_like(padded)
+    models: list[tuple[np.ndarray, float]] = []
+    residual = np.zeros_like(padded) if pitch_factor != 1.0 else None
+    for k in range(count):
+        start = k * hop
+        frame = padded[start: start + size] * window
+        energy = float(frame @ frame)
+        a = lpc(frame, order)
+        a_new = warp_poles(a, alpha)
+        if residual is None:
+            y = lfilter([1.0], a_new, lfilter(a, [1.0], frame))
+            y_energy = float(y @ y)
+            if y_energy > _EPS and np.isfinite(y_energy):
+                y *= math.sqrt(energy / y_energy)
+            else:
+                y = frame.copy()
+            out[start: start + size] += y * window
+        else:
+            residual[start: start + size] += lfilter(a, [1.0], frame) * window
+            models.append((a_new, energy))
+    if residual is not None:
+        shifted = pitch_shift(residual, pitch_factor, rate)
+        for k, (a_new, energy) in enumerate(models):
+            start = k * hop
+            excitation = shifted[start: start + size] * window
+            y = lfilter([1.0], a_new, excitation)
+            y_energy = float(y @ y)
+            if y_energy > _EPS and np.isfinite(y_energy):
+                y *= math.sqrt(energy / y_energy)
+            else:
+                y = np.zeros(size)
+            out[start: start + size] += y * window
+    return out[hop: hop + len(x)]
+
+
+# -- pitch shift: WSOLA time-stretch + resampling --------------------------------------------
+
+def _wsola(x: np.ndarray, factor: float, rate: int) -> np.ndarray:
+    """Time-stretch by ``factor`` (>1 longer) keeping the pitch (WSOLA, Hann 30 ms, 50 %)."""
+    size = int(round(0.030 * rate)) // 2 * 2
+    hop = size // 2
+    tolerance = int(round(0.008 * rate))
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / size)
+    out_len = int(round(len(x) * factor))
+    count = out_len // hop + 1
+    source = np.concatenate((np.zeros(tolerance), x, np.zeros(size + tolerance + hop + int(size * factor) + 2)))
+    out = np.zeros(count * hop + size)
+    previous = tolerance
+    for k in range(count):
+        nominal = tolerance + int(round(k * hop / factor))
+        if k == 0:
+            best = nominal
+        else:
+            target = source[previous + hop: previous + hop + size]
+            low = max(0, nominal - tolerance)
+            region = source[low: nominal + tolerance + size]
+            corr = np.correlate(region, target, mode="valid")
+            best = low + int(np.argmax(corr)) if corr.size and np.any(corr) else nominal
+        out[k * hop: k * hop + size] += source[best: best + size] * window
+        previous = best
+    return out[:out_len]
+
+
+def pitch_shift(samples: np.ndarray, factor: float, rate: int) -> np.ndarray:
+    """Pitch times ``factor``, same length: WSOLA-stretch by ``factor``, resample by 1/``factor``."""
+    x = np.asarray(samples, dtype=np.float64)
+    if factor == 1.0 or len(x) == 0:
+        return x.copy()
+    stretched = _wsola(x, factor, rate)
+    up = 96
+    down = max(1, int(round(up * factor)))
+    y = resample_poly(stretched, up, down)
+    if len(y) < len(x):
+        y = np.concatenate((y, np.zeros(len(x) - len(y))))
+    return y[: len(x)]
+
+
+# -- public entry points ----------------------------------------------------------------------
+
+def anonymise(samples: np.ndarray, rate: int = SAMPLE_RATE, settings: AnonymiserSettings | None = None,
+              rng: RandomSource | None = None) -> np.ndarray:
+    """De-identify one recording (int16 or float samples) -> int16 samples of the same length.
+
+    A new ``alpha`` (and pitch shift) is drawn for every call; the overall level (RMS) of the
+    input is kept, and the output is limited to 16 bits without wrapping.
+    """
+    settings = settings or AnonymiserSettings()
+    if rate != SAMPLE_RATE:
+        raise AudioFormatError(f"{rate} Hz audio: the anonymiser is tuned for {SAMPLE_RATE} Hz telephone audio "
+                               f"(convert with: sox in.wav -r {SAMPLE_RATE} -c 1 -b 16 out.wav)")
+    x = np.asarray(samples, dtype=np.float64)
+    alpha, factor = draw_parameters(settings, rng)
+    y = mcadams(x, rate, alpha, pitch_factor=factor, settings=settings)
+    del alpha, factor  # never kept
+    rms_in = math.sqrt(float(x @ x) / len(x)) if len(x) else 0.0
+    rms_out = math.sqrt(float(y @ y) / len(y)) if len(y) else 0.0
+    if rms_out > _EPS:
+        y *= rms_in / rms_out
+    y = np.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(np.round(y), -32768, 32767).astype(np.int16)
+
+
+def read_wav_mono(path: str | Path) -> tuple[int, np.ndarray]:
+    """An 8 kHz (or any rate) mono 16-bit PCM WAV as ``(rate, int16 samples)``."""
+    path = Path(path)
+    try:
+        with wave.open(str(path), "rb") as handle:
+            rate, channels, width = handle.getframerate(), handle.getnchannels(), handle.getsampwidth()
+            frames = handle.readframes(handle.getnframes())
+    except (wave.Error, EOFError) as error:
+        raise AudioFormatError(f"{path}: not a PCM WAV file ({error})") from None
+    if width != 2:
+        raise AudioFormatError(f"{path}: {8 * width}-bit samples; 16-bit PCM expected "
+                               f"(convert with: sox {path.name} -b 16 out.wav)")
+    data = np.frombuffer(frames, dtype="<i2").astype(np.int16)
+    if channels != 1:
+        raise AudioFormatError(f"{path}: {channels} channels; mono expected "
+                               f"(convert with: sox {path.name} -c 1 out.wav)")
+    return rate, data
+
+
+def write_wav(path: str | Path, channels: list[np.ndarray], rate: int = SAMPLE_RATE) -> Path:
+    """16-bit PCM WAV with exactly the RIFF, fmt and data chunks: no LIST/INFO or other metadata.
+
+    ``channels``: one int16 array per channel (padded with silence to the longest).
+    """
+    path = Path(path)
+    length = max((len(c) for c in channels), default=0)
+    matrix = np.zeros((length, len(channels)), dtype="<i2")
+    for index, channel in enumerate(channels):
+        matrix[: len(channel), index] = channel
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(len(channels))
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes(matrix.tobytes())
+    return path
+
+
+def anonymise_file(source: str | Path, target: str | Path, settings: AnonymiserSettings | None = None,
+                   rng: RandomSource | None = None) -> Path:
+    """Anonymise an 8 kHz mono 16-bit WAV file into a new metadata-free WAV file."""
+    rate, samples = read_wav_mono(source)
+    return write_wav(target, [anonymise(samples, rate, settings, rng)], rate)
