@@ -208,3 +208,212 @@ def test_anonymise_file_rejects_wrong_formats(tmp_path: Path) -> None:
     (tmp_path / "junk.wav").write_bytes(b"not a wav")
     with pytest.raises(an.AudioFormatError):
         an.anonymise_file(tmp_path / "junk.wav", tmp_path / "y.wav")
+
+
+# -- training copies ------------------------------------------------------------------------
+
+import asyncio  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+import wave  # noqa: E402
+from datetime import UTC, date, datetime, timedelta  # noqa: E402
+
+import asyncpg  # noqa: E402
+
+from consent_gate import training  # noqa: E402
+from consent_gate.config import Purpose  # noqa: E402
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def make_legs(directory: Path, recording_id: str, *, old: bool = True) -> training.RecordingFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    files = training.RecordingFiles.of(directory, recording_id)
+    caller = vowel(seconds=2.0, seed=1)
+    agent = np.round(np.sin(2 * np.pi * 1000 * np.arange(2 * RATE) / RATE) * 8000).astype(np.int16)
+    an.write_wav(files.caller, [caller])
+    an.write_wav(files.agent, [agent])
+    an.write_wav(files.mixed, [(caller.astype(np.int32) + agent).clip(-32768, 32767).astype(np.int16)])
+    if old:
+        for path in files.all():
+            os.utime(path, (time.time() - 60, time.time() - 60))
+    return files
+
+
+def read_stereo(path: Path) -> tuple[int, np.ndarray]:
+    with wave.open(str(path), "rb") as handle:
+        assert handle.getnchannels() == 2 and handle.getsampwidth() == 2
+        data = np.frombuffer(handle.readframes(handle.getnframes()), "<i2").reshape(-1, 2)
+        return handle.getframerate(), data
+
+
+def test_write_copy_has_no_metadata_and_changes_only_the_caller(tmp_path: Path) -> None:
+    recording_id = uuid.uuid4().hex
+    files = make_legs(tmp_path / "rec", recording_id)
+    copies = tmp_path / "copies"
+    copy_id, path = training.write_copy(files, copies, "2026-11", rng=np.random.default_rng(4))
+    assert HEX32.match(copy_id) and copy_id != recording_id and path.name == f"{copy_id}.wav"
+    assert [p.name for p in copies.iterdir()] == [path.name], "no temporary file left"
+    assert riff_chunks(path) == ["fmt ", "data"]
+    assert recording_id.encode() not in path.read_bytes()
+    assert path.stat().st_mode & 0o777 == 0o600 and copies.stat().st_mode & 0o777 == 0o700
+    assert path.stat().st_mtime == datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+    rate, data = read_stereo(path)
+    _, caller = an.read_wav_mono(files.caller)
+    _, agent = an.read_wav_mono(files.agent)
+    assert rate == RATE and len(caller) <= len(data) <= len(caller) + 3 * RATE
+    assert np.array_equal(data[: len(agent), 1], agent), "agent leg intact"
+    assert not data[len(agent):].any(), "only silence after the legs"
+    assert float(np.corrcoef(data[: len(caller), 0].astype(float), caller.astype(float))[0, 1]) < 0.8
+    assert rms(data[: len(caller), 0]) == pytest.approx(rms(caller), rel=0.02)
+
+
+def test_wav_is_closed(tmp_path: Path) -> None:
+    path = an.write_wav(tmp_path / "x.wav", [vowel()])
+    assert not training.wav_is_closed(path, 2.0), "just written"
+    assert training.wav_is_closed(path, 2.0, now=time.time() + 3)
+    data = bytearray(path.read_bytes())
+    data[4:8] = b"\0\0\0\0"
+    data[40:44] = b"\0\0\0\0"  # what a recorder leaves until it closes the file
+    path.write_bytes(bytes(data))
+    assert not training.wav_is_closed(path, 2.0, now=time.time() + 3)
+    assert not training.wav_is_closed(tmp_path / "missing.wav", 0.0)
+
+
+async def add_decision(dsn: str, recording_id: str, purpose: str = "training", event: str = "granted",
+                       call_id: str | None = None, consent_id: uuid.UUID | None = None,
+                       legal_basis: str = "consent") -> uuid.UUID:
+    consent_id = consent_id or uuid.uuid4()
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(
+            "INSERT INTO consent_events (event_id, consent_id, call_id, event, purpose, legal_basis, recording_id,"
+            " occurred_at, source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'cli')",
+            uuid.uuid4(), consent_id, call_id or f"test-{recording_id[:12]}", event, purpose, legal_basis,
+            recording_id if event in ("granted", "notified") else None, datetime.now(UTC))
+    finally:
+        await connection.close()
+    return consent_id
+
+
+@pytest.fixture
+async def db(pg_dsn: str):
+    connection = await asyncpg.connect(pg_dsn)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def test_training_copy_end_to_end_on_files_and_ledger(tmp_path: Path, pg_dsn: str, db) -> None:
+    recording_id = uuid.uuid4().hex
+    files = make_legs(tmp_path / "rec", recording_id)
+    await add_decision(pg_dsn, recording_id)
+    assert recording_id in await training.pending_recordings(db, tmp_path / "rec")
+    outcome = await training.make_training_copy(db, recording_id, recordings_dir=tmp_path / "rec",
+                                                copies_dir=tmp_path / "copies", today=date(2026, 11, 28))
+    assert outcome.created and outcome.original_deleted and outcome.kept_because is None
+    assert not any(p.exists() for p in files.all()), "original deleted once the copy exists"
+    assert outcome.path.exists()
+    row = dict(await db.fetchrow("SELECT * FROM training_copies WHERE copy_id = $1", outcome.copy_id))
+    assert row == {"copy_id": outcome.copy_id, "period": "2026-11", "purpose": "training",
+                   "caller_leg": "mcadams", "agent_leg": "original", "method": training.METHOD,
+                   "delete_after": date(2026, 11, 1) + timedelta(days=90)}
+    assert await db.fetchval("SELECT copy_id FROM training_copy_links WHERE recording_id = $1",
+                             recording_id) == outcome.copy_id
+    assert recording_id not in await training.pending_recordings(db, tmp_path / "rec")
+    again = await training.make_training_copy(db, recording_id, recordings_dir=tmp_path / "rec",
+                                              copies_dir=tmp_path / "copies")
+    assert not again.created and again.copy_id == outcome.copy_id
+    assert await training.erase_training_copy(db, recording_id, tmp_path / "copies") == outcome.copy_id
+    assert not outcome.path.exists()
+    assert await db.fetchval("SELECT count(*) FROM training_copies WHERE copy_id = $1", outcome.copy_id) == 0
+    assert await training.erase_training_copy(db, recording_id, tmp_path / "copies") is None
+
+
+async def test_original_kept_when_another_purpose_holds_it(tmp_path: Path, pg_dsn: str, db) -> None:
+    recording_id = uuid.uuid4().hex
+    files = make_legs(tmp_path / "rec", recording_id)
+    await add_decision(pg_dsn, recording_id, call_id="test-shared")
+    documentation = await add_decision(pg_dsn, recording_id, purpose="documentation", call_id="test-shared")
+    assert await training.keeps_original(db, recording_id, "training") == "purpose documentation keeps the recording"
+    outcome = await training.make_training_copy(db, recording_id, recordings_dir=tmp_path / "rec",
+                                                copies_dir=tmp_path / "copies")
+    assert outcome.created and not outcome.original_deleted
+    assert all(p.exists() for p in files.all())
+    # Withdrawn later: nothing keeps it any more, and a re-run deletes it.
+    await add_decision(pg_dsn, recording_id, purpose="documentation", event="withdrawn",
+                       call_id="test-shared", consent_id=documentation)
+    assert await training.keeps_original(db, recording_id, "training") is None
+    rerun = await training.make_training_copy(db, recording_id, recordings_dir=tmp_path / "rec",
+                                              copies_dir=tmp_path / "copies")
+    assert not rerun.created and rerun.original_deleted and not files.mixed.exists()
+
+
+async def test_no_copy_without_a_granted_training_decision(tmp_path: Path, pg_dsn: str, db) -> None:
+    documentation_only = uuid.uuid4().hex
+    make_legs(tmp_path / "rec", documentation_only)
+    await add_decision(pg_dsn, documentation_only, purpose="documentation")
+    withdrawn = uuid.uuid4().hex
+    make_legs(tmp_path / "rec", withdrawn)
+    consent_id = await add_decision(pg_dsn, withdrawn)
+    await add_decision(pg_dsn, withdrawn, event="withdrawn", consent_id=consent_id)
+    for recording_id in (documentation_only, withdrawn, uuid.uuid4().hex):
+        with pytest.raises(training.NotEligible):
+            await training.make_training_copy(db, recording_id, recordings_dir=tmp_path / "rec",
+                                              copies_dir=tmp_path / "copies")
+    assert not (tmp_path / "copies").exists() or not any((tmp_path / "copies").iterdir())
+
+
+async def test_not_ready_while_the_legs_are_being_written(tmp_path: Path, pg_dsn: str, db) -> None:
+    recording_id = uuid.uuid4().hex
+    make_legs(tmp_path / "rec", recording_id, old=False)
+    await add_decision(pg_dsn, recording_id)
+    with pytest.raises(training.NotReady):
+        await training.make_training_copy(db, recording_id, recordings_dir=tmp_path / "rec",
+                                          copies_dir=tmp_path / "copies")
+    assert await training.make_pending(db, recordings_dir=tmp_path / "rec", copies_dir=tmp_path / "copies") == []
+
+
+async def test_two_workers_at_once_make_one_copy(tmp_path: Path, pg_dsn: str) -> None:
+    recording_id = uuid.uuid4().hex
+    make_legs(tmp_path / "rec", recording_id)
+    await add_decision(pg_dsn, recording_id)
+    connections = [await asyncpg.connect(pg_dsn) for _ in range(2)]
+    try:
+        outcomes = await asyncio.gather(*(training.make_training_copy(
+            c, recording_id, recordings_dir=tmp_path / "rec", copies_dir=tmp_path / "copies") for c in connections))
+    finally:
+        for c in connections:
+            await c.close()
+    assert sorted(o.created for o in outcomes) == [False, True]
+    assert len({o.copy_id for o in outcomes}) == 1
+    assert len(list((tmp_path / "copies").iterdir())) == 1
+
+
+async def test_sweep_deletes_expired_copies(tmp_path: Path, pg_dsn: str, db) -> None:
+    recording_id = uuid.uuid4().hex
+    make_legs(tmp_path / "rec", recording_id)
+    await add_decision(pg_dsn, recording_id)
+    purposes = {"training": Purpose("training", "consent", "question-training", 10, training_copy=True)}
+    outcome = await training.make_training_copy(db, recording_id, recordings_dir=tmp_path / "rec",
+                                                copies_dir=tmp_path / "copies", purposes=purposes,
+                                                today=date(2020, 1, 15))
+    await training.sweep_expired(db, tmp_path / "copies", date(2020, 1, 10))
+    assert outcome.path.exists(), "not before its delete_after date"
+    assert await training.sweep_expired(db, tmp_path / "copies", date(2020, 1, 11)) >= 1
+    assert not outcome.path.exists()
+    assert await db.fetchval("SELECT count(*) FROM training_copy_links WHERE recording_id = $1", recording_id) == 0
+
+
+def test_cli_anonymise(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = an.write_wav(tmp_path / "in.wav", [vowel()])
+    assert training.main(["anonymise", str(source), str(tmp_path / "out.wav")]) == 0
+    assert "coefficient not shown" in capsys.readouterr().out
+    rate, samples = an.read_wav_mono(tmp_path / "out.wav")
+    assert rate == RATE and len(samples) == len(vowel())
+    an.write_wav(tmp_path / "wide.wav", [vowel()], rate=16000)
+    assert training.main(["anonymise", str(tmp_path / "wide.wav"), str(tmp_path / "x.wav")]) == 2
+    assert "8000 Hz" in capsys.readouterr().out
