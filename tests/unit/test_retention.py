@@ -1,0 +1,551 @@
+"""Retention sweeper and legal hold on a real PostgreSQL and real files, with an injected clock.
+
+Every test gets its own database (a copy of a migrated template), so a sweep with a clock years
+ahead never touches another test's rows.  The helpers and fixtures here are shared with
+test_subject.py and test_api.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from consent_gate import retention
+from consent_gate.config import Purpose
+from consent_gate.events import ConsentEvent, EventKind, caller_reference, new_recording_id
+from consent_gate.ledger import INSERT_SQL, _row, migrate
+from consent_gate.retention import RetentionSweeper, list_holds, place_hold, release_hold
+from consent_gate.rig.pgsandbox import PgSandbox
+
+HMAC_KEY = b"unit-test-hmac-key-0123456789abcdef"
+T0 = datetime(2031, 3, 1, 9, 30, tzinfo=timezone.utc)
+DAY = timedelta(days=1)
+
+PURPOSES = {
+    "training": Purpose("training", "consent", "question-training", 90, training_copy=True),
+    "documentation": Purpose("documentation", "consent", "question-documentation", 365),
+    "mifid": Purpose("mifid", "legal-obligation", "notice-legal-obligation", 1825),
+}
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+
+class Clock:
+    """The injected clock: tests move it, nothing sleeps."""
+
+    def __init__(self, now: datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def at(self, when: datetime) -> "Clock":
+        self.now = when
+        return self
+
+
+def admin_dsn(sandbox: PgSandbox, database: str = "postgres") -> str:
+    return f"postgresql://postgres@127.0.0.1:{sandbox.port}/{database}"
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def retention_template(pg_sandbox: PgSandbox) -> str:
+    """A migrated database used only as a template (no connections stay open to it)."""
+    name = f"cg_h6tpl_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_dsn(pg_sandbox), timeout=10)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} OWNER {pg_sandbox.user}")
+    finally:
+        await admin.close()
+    await migrate(f"postgresql://{pg_sandbox.user}@127.0.0.1:{pg_sandbox.port}/{name}")
+    return name
+
+
+@pytest_asyncio.fixture
+async def db(pg_sandbox: PgSandbox, retention_template: str) -> AsyncIterator[str]:
+    """DSN of a fresh, migrated database of this test's own (application role)."""
+    name = f"cg_h6_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_dsn(pg_sandbox), timeout=10)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {retention_template} OWNER {pg_sandbox.user}")
+    finally:
+        await admin.close()
+    yield f"postgresql://{pg_sandbox.user}@127.0.0.1:{pg_sandbox.port}/{name}"
+    admin = await asyncpg.connect(admin_dsn(pg_sandbox), timeout=10)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest_asyncio.fixture
+async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(db, timeout=10)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def recdir(tmp_path: Path) -> Path:
+    directory = tmp_path / "recordings"
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+def write_recording(recdir: Path, recording_id: str, *, legs: bool = False, payload: bytes | None = None) -> list[Path]:
+    """Real files as MixMonitor leaves them: <id>.wav (+ the two legs), 0600."""
+    paths = [recdir / f"{recording_id}.wav"]
+    if legs:
+        paths += [recdir / f"{recording_id}-caller.wav", recdir / f"{recording_id}-agent.wav"]
+    for path in paths:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(payload or b"RIFF" + path.name.encode() + os.urandom(64))
+    return paths
+
+
+@dataclass
+class Decision:
+    """One decision group as the dialog stores it (the ledger's own INSERT)."""
+
+    consent_id: uuid.UUID
+    call_id: str
+    purpose: str
+    recording_id: str | None
+    caller_ref: str | None
+    events: list[ConsentEvent] = field(default_factory=list)
+
+
+async def add_decision(
+    connection: asyncpg.Connection, *, at: datetime, purpose: str = "training", event: EventKind = EventKind.GRANTED,
+    number: str = "+45 20 30 40 50", call_id: str | None = None, consent_id: uuid.UUID | None = None,
+    recording_id: str | None | bool = True, caller_number: str | None = None,
+) -> Decision:
+    legal_basis = PURPOSES[purpose].legal_basis if purpose in PURPOSES else "consent"
+    if recording_id is True:
+        recording_id = new_recording_id() if event in (EventKind.GRANTED, EventKind.NOTIFIED) else None
+    ev = ConsentEvent(
+        consent_id=consent_id or uuid.uuid4(), call_id=call_id or f"call-{uuid.uuid4().hex[:16]}", event=event,
+        purpose=purpose, legal_basis=legal_basis, occurred_at=at, source="ari", language="da",
+        prompt_version=hashlib.sha256(purpose.encode()).hexdigest(),
+        digit="1" if event is EventKind.GRANTED else "2" if event is EventKind.DECLINED else None,
+        caller_ref=caller_reference(HMAC_KEY, number), caller_number=caller_number,
+        recording_id=recording_id or None, prompt_started_at=at - timedelta(seconds=9),
+        decided_at=at - timedelta(seconds=1), detail={"attempts": 1, "invalid_keys": []},
+    )
+    await connection.execute(INSERT_SQL, *_row(ev, False))
+    return Decision(ev.consent_id, ev.call_id, purpose, ev.recording_id, ev.caller_ref, [ev])
+
+
+async def add_event(connection: asyncpg.Connection, decision: Decision, kind: EventKind, at: datetime) -> None:
+    first = decision.events[0]
+    ev = ConsentEvent(
+        consent_id=decision.consent_id, call_id=decision.call_id, event=kind, purpose=decision.purpose,
+        legal_basis=first.legal_basis, occurred_at=at, source="ari", caller_ref=first.caller_ref,
+        recording_id=decision.recording_id)
+    await connection.execute(INSERT_SQL, *_row(ev, False))
+    decision.events.append(ev)
+
+
+async def rows(connection: asyncpg.Connection, consent_id: uuid.UUID) -> list[dict[str, Any]]:
+    return [dict(r) for r in await connection.fetch(
+        "SELECT * FROM consent_events WHERE consent_id = $1 ORDER BY seq", consent_id)]
+
+
+async def tombstones(connection: asyncpg.Connection, **where: Any) -> list[dict[str, Any]]:
+    clauses = " AND ".join(f"{key} = ${i}" for i, key in enumerate(where, 1)) or "true"
+    return [dict(r) for r in await connection.fetch(
+        f"SELECT * FROM data_erasures WHERE {clauses} ORDER BY seq", *where.values())]
+
+
+NON_PERSONAL = ("event_id", "consent_id", "call_id", "event", "purpose", "legal_basis", "language",
+                "prompt_version", "digit", "recording_id", "prompt_started_at", "decided_at", "occurred_at",
+                "stored_at", "source", "via_journal", "detail")
+
+
+def sweeper(db: str, recdir: Path, clock: Clock, **kw: Any) -> RetentionSweeper:
+    return RetentionSweeper(db, recdir, PURPOSES, clock=clock, **kw)
+
+
+# -- retention boundaries -----------------------------------------------------------------------
+
+async def test_recording_and_personal_fields_go_exactly_when_retention_ends(
+    db: str, conn: asyncpg.Connection, recdir: Path,
+) -> None:
+    d = await add_decision(conn, at=T0, purpose="training", caller_number="+4520304050")
+    files = write_recording(recdir, d.recording_id, legs=True)
+    other = write_recording(recdir, new_recording_id())  # not in the ledger: never touched
+    before = await rows(conn, d.consent_id)
+    clock = Clock()
+
+    report = await sweeper(db, recdir, clock.at(T0 + 90 * DAY - timedelta(seconds=1))).run()
+    assert report.recordings_deleted == [] and report.records_redacted == []
+    assert all(p.exists() for p in files)
+    assert (await rows(conn, d.consent_id))[0]["caller_ref"] == d.caller_ref
+
+    report = await sweeper(db, recdir, clock.at(T0 + 90 * DAY)).run()
+    assert report.recordings_deleted == [{"recording_id": d.recording_id,
+                                          "files": sorted(p.name for p in files)}]
+    assert report.records_redacted == [{"consent_id": str(d.consent_id), "purpose": "training", "rows": 1}]
+    assert not any(p.exists() for p in files)
+    assert all(p.exists() for p in other)
+
+    [after] = await rows(conn, d.consent_id)
+    assert after["caller_ref"] is None and after["caller_number"] is None
+    assert after["redacted_at"] == T0 + 90 * DAY
+    assert {k: after[k] for k in NON_PERSONAL} == {k: before[0][k] for k in NON_PERSONAL}, "proof kept"
+
+    [record] = await tombstones(conn, scope="record", consent_id=d.consent_id)
+    assert record["kind"] == "retention" and record["rows_redacted"] == 1
+    assert after["redaction_id"] == record["erasure_id"]
+    assert "90 days" in record["reason"] and record["performed_at"] == T0 + 90 * DAY
+    [recording] = await tombstones(conn, scope="recording", recording_id=d.recording_id)
+    assert recording["kind"] == "retention" and sorted(recording["files"]) == sorted(p.name for p in files)
+    # The tombstones hold nothing personal.
+    for tomb in (record, recording):
+        assert d.caller_ref not in json.dumps(tomb, default=str) and "4520304050" not in json.dumps(tomb, default=str)
+
+
+async def test_a_second_run_is_a_no_op(db: str, conn: asyncpg.Connection, recdir: Path) -> None:
+    d = await add_decision(conn, at=T0)
+    write_recording(recdir, d.recording_id)
+    clock = Clock(T0 + 400 * DAY)
+    first = await sweeper(db, recdir, clock).run()
+    assert len(first.recordings_deleted) == 1 and len(first.records_redacted) == 1
+    again = await sweeper(db, recdir, clock.at(T0 + 800 * DAY)).run()
+    assert again.recordings_deleted == [] and again.records_redacted == [] and again.busy == 0
+    assert len(await tombstones(conn)) == 2
+
+
+async def test_declined_decision_has_no_recording_but_its_personal_fields_expire_too(
+    db: str, conn: asyncpg.Connection, recdir: Path,
+) -> None:
+    d = await add_decision(conn, at=T0, event=EventKind.DECLINED)
+    assert d.recording_id is None
+    report = await sweeper(db, recdir, Clock(T0 + 90 * DAY)).run()
+    assert report.recordings_deleted == []
+    assert [r["consent_id"] for r in report.records_redacted] == [str(d.consent_id)]
+    [row] = await rows(conn, d.consent_id)
+    assert row["caller_ref"] is None and row["event"] == "declined" and row["digit"] == "2"
+
+
+async def test_legal_obligation_is_kept_five_years(db: str, conn: asyncpg.Connection, recdir: Path) -> None:
+    d = await add_decision(conn, at=T0, purpose="mifid", event=EventKind.NOTIFIED)
+    [path] = write_recording(recdir, d.recording_id)
+    clock = Clock()
+    await sweeper(db, recdir, clock.at(T0 + 1825 * DAY - timedelta(microseconds=1))).run()
+    assert path.exists()
+    await sweeper(db, recdir, clock.at(T0 + 1825 * DAY)).run()
+    assert not path.exists()
+    assert (await rows(conn, d.consent_id))[0]["caller_ref"] is None
+
+
+async def test_unknown_purpose_is_kept_and_reported(db: str, conn: asyncpg.Connection, recdir: Path) -> None:
+    d = await add_decision(conn, at=T0, purpose="retired-purpose")
+    [path] = write_recording(recdir, d.recording_id)
+    report = await sweeper(db, recdir, Clock(T0 + 5000 * DAY)).run()
+    assert report.unknown_purposes == ["retired-purpose"]
+    assert path.exists() and (await rows(conn, d.consent_id))[0]["caller_ref"] == d.caller_ref
+
+
+async def test_dry_run_deletes_nothing(db: str, conn: asyncpg.Connection, recdir: Path) -> None:
+    d = await add_decision(conn, at=T0)
+    [path] = write_recording(recdir, d.recording_id)
+    report = await sweeper(db, recdir, Clock(T0 + 100 * DAY)).run(dry_run=True)
+    assert report.recordings_deleted == [{"recording_id": d.recording_id, "files": [path.name]}]
+    assert path.exists() and await tombstones(conn) == []
+    assert (await rows(conn, d.consent_id))[0]["redacted_at"] is None
+
+
+# -- granular purposes --------------------------------------------------------------------------
+
+async def test_one_granted_one_declined_keeps_only_the_granted_purpose(
+    db: str, conn: asyncpg.Connection, recdir: Path,
+) -> None:
+    call = f"call-{uuid.uuid4().hex[:12]}"
+    granted = await add_decision(conn, at=T0, purpose="documentation", call_id=call)
+    declined = await add_decision(conn, at=T0, purpose="training", call_id=call, event=EventKind.DECLINED)
+    [path] = write_recording(recdir, granted.recording_id)
+    clock = Clock()
+    # Day 90: the declined training decision's personal fields go; the documentation recording stays.
+    report = await sweeper(db, recdir, clock.at(T0 + 90 * DAY)).run()
+    assert [r["consent_id"] for r in report.records_redacted] == [str(declined.consent_id)]
+    assert path.exists() and (await rows(conn, granted.consent_id))[0]["caller_ref"] is not None
+    await sweeper(db, recdir, clock.at(T0 + 365 * DAY)).run()
+    assert not path.exists() and (await rows(conn, granted.consent_id))[0]["caller_ref"] is None
+
+
+async def test_a_recording_shared_by_two_purposes_lives_as_long_as_the_longer(
+    db: str, conn: asyncpg.Connection, recdir: Path,
+) -> None:
+    consent_id, call = uuid.uuid4(), f"call-{uuid.uuid4().hex[:12]}"
+    rec = new_recording_id()
+    training = await add_decision(conn, at=T0, purpose="training", consent_id=consent_id, call_id=call, recording_id=rec)
+    documentation = await add_decision(conn, at=T0, purpose="documentation", consent_id=consent_id, call_id=call,
+                                       recording_id=rec)
+    paths = write_recording(recdir, rec, legs=True)
+    clock = Clock()
+    report = await sweeper(db, recdir, clock.at(T0 + 91 * DAY)).run()
+    assert report.recordings_deleted == []
+    assert report.records_redacted == [{"consent_id": str(consent_id), "purpose": "training", "rows": 1}]
+    assert all(p.exists() for p in paths)
+    by_purpose = {r["purpose"]: r for r in await rows(conn, consent_id)}
+    assert by_purpose["training"]["caller_ref"] is None
+    assert by_purpose["documentation"]["caller_ref"] == documentation.caller_ref == training.caller_ref
+    report = await sweeper(db, recdir, clock.at(T0 + 365 * DAY)).run()
+    assert [r["recording_id"] for r in report.recordings_deleted] == [rec]
+    assert not any(p.exists() for p in paths)
+
+
+async def test_withdrawn_consent_ends_the_recording_before_retention(
+    db: str, conn: asyncpg.Connection, recdir: Path,
+) -> None:
+    d = await add_decision(conn, at=T0, purpose="documentation")
+    [path] = write_recording(recdir, d.recording_id)
+    await add_event(conn, d, EventKind.WITHDRAWN, T0 + timedelta(minutes=3))
+    report = await sweeper(db, recdir, Clock(T0 + 2 * DAY)).run()
+    assert [r["recording_id"] for r in report.recordings_deleted] == [d.recording_id] and not path.exists()
+    # The proof of the decision and of its withdrawal stays until the retention period ends.
+    assert report.records_redacted == []
+    assert [r["event"] for r in await rows(conn, d.consent_id)] == ["granted", "withdrawn"]
+
+
+# -- legal hold ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("on", ["call", "caller"])
+async def test_legal_hold_blocks_deletion_until_released(
+    db: str, conn: asyncpg.Connection, recdir: Path, on: str,
+) -> None:
+    d = await add_decision(conn, at=T0)
+    [path] = write_recording(recdir, d.recording_id)
+    bystander = await add_decision(conn, at=T0, number="+4511111111")
+    [bystander_path] = write_recording(recdir, bystander.recording_id)
+    clock = Clock(T0 + 10 * DAY)
+    target = {"call_id": d.call_id} if on == "call" else {"caller_ref": d.caller_ref}
+    hold_id = await place_hold(conn, reason="case 2031-17", actor="legal@example", at=clock(), **target)
+
+    report = await sweeper(db, recdir, clock.at(T0 + 200 * DAY)).run()
+    assert path.exists() and (await rows(conn, d.consent_id))[0]["caller_ref"] == d.caller_ref
+    assert {"recording_id": d.recording_id} in report.held
+    assert not bystander_path.exists(), "a hold on one caller keeps nobody else's data"
+
+    await release_hold(conn, hold_id, reason="case closed", actor="legal@example", at=clock())
+    assert await list_holds(conn) == []
+    report = await sweeper(db, recdir, clock.at(T0 + 201 * DAY)).run()
+    assert not path.exists() and (await rows(conn, d.consent_id))[0]["caller_ref"] is None
+    [hold] = await list_holds(conn, include_released=True)
+    assert hold.hold_id == hold_id and hold.reason == "case 2031-17" and hold.release_reason == "case closed"
+    log = await conn.fetch("SELECT action FROM legal_holds WHERE hold_id = $1 ORDER BY seq", hold_id)
+    assert [r["action"] for r in log] == ["placed", "released"]
+
+
+async def test_holds_are_validated_and_released_once(conn: asyncpg.Connection) -> None:
+    with pytest.raises(ValueError):
+        await place_hold(conn, reason="x", actor="a", at=T0)
+    with pytest.raises(ValueError):
+        await place_hold(conn, call_id="c", caller_ref="0" * 64, reason="x", actor="a", at=T0)
+    with pytest.raises(ValueError):
+        await place_hold(conn, caller_ref="not-a-hash", reason="x", actor="a", at=T0)
+    with pytest.raises(ValueError):
+        await place_hold(conn, call_id="c", reason=" ", actor="a", at=T0)
+    hold_id = await place_hold(conn, call_id="c", reason="x", actor="a", at=T0)
+    await release_hold(conn, hold_id, reason="done", actor="a", at=T0)
+    with pytest.raises(retention.HoldNotFound):
+        await release_hold(conn, hold_id, reason="again", actor="a", at=T0)
+    with pytest.raises(retention.HoldNotFound):
+        await release_hold(conn, "not-a-uuid", reason="x", actor="a", at=T0)
+    with pytest.raises(asyncpg.PostgresError, match="append-only"):
+        await conn.execute("DELETE FROM legal_holds")
+
+
+# -- concurrency -----------------------------------------------------------------------------------
+
+async def test_concurrent_sweepers_delete_everything_exactly_once(
+    db: str, conn: asyncpg.Connection, recdir: Path,
+) -> None:
+    decisions = [await add_decision(conn, at=T0 + i * timedelta(minutes=1), number=f"+45{10000000 + i}")
+                 for i in range(40)]
+    for d in decisions:
+        write_recording(recdir, d.recording_id, legs=True)
+    clock = Clock(T0 + 100 * DAY)
+    reports = await asyncio.gather(*(sweeper(db, recdir, clock).run() for _ in range(4)))
+
+    assert list(recdir.iterdir()) == []
+    deleted = [r["recording_id"] for rep in reports for r in rep.recordings_deleted]
+    redacted = [r["consent_id"] for rep in reports for r in rep.records_redacted]
+    assert sorted(deleted) == sorted(d.recording_id for d in decisions), "each recording once"
+    assert sorted(redacted) == sorted(str(d.consent_id) for d in decisions), "each decision once"
+    counts = await conn.fetch("SELECT scope, count(*) AS n, count(DISTINCT coalesce(recording_id, consent_id::text))"
+                              " AS distinct_n FROM data_erasures GROUP BY scope ORDER BY scope")
+    assert [(r["scope"], r["n"], r["distinct_n"]) for r in counts] == [("record", 40, 40), ("recording", 40, 40)]
+    assert await conn.fetchval("SELECT count(*) FROM consent_events WHERE caller_ref IS NOT NULL") == 0
+
+
+async def test_an_item_another_sweeper_holds_is_skipped_then_done(
+    db: str, conn: asyncpg.Connection, recdir: Path,
+) -> None:
+    d = await add_decision(conn, at=T0)
+    [path] = write_recording(recdir, d.recording_id)
+    other = await asyncpg.connect(db)
+    try:
+        async with other.transaction():  # "another sweeper" is in the middle of this recording
+            await other.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", retention.RECORDING_LOCK_NS,
+                                d.recording_id)
+            report = await sweeper(db, recdir, Clock(T0 + 100 * DAY)).run()
+            assert report.busy == 1 and report.recordings_deleted == [] and path.exists()
+    finally:
+        await other.close()
+    report = await sweeper(db, recdir, Clock(T0 + 100 * DAY)).run()
+    assert [r["recording_id"] for r in report.recordings_deleted] == [d.recording_id] and not path.exists()
+
+
+async def wait_for_lock_wait(observer: asyncpg.Connection, timeout: float = 10.0) -> None:
+    """Until some session waits for the hold lock (seen in pg_locks; polled with a bound)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await observer.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND classid = $1 AND objid = $2", *retention.HOLD_LOCK):
+        assert loop.time() < deadline, "nobody waited for the hold lock"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_hold_placed_during_a_sweep_waits_for_the_item_in_flight(
+    db: str, conn: asyncpg.Connection, recdir: Path,
+) -> None:
+    d = await add_decision(conn, at=T0)
+    other = await asyncpg.connect(db)
+    try:
+        async with other.transaction():  # an item transaction of a running sweep
+            await retention.share_hold_lock(other)
+            placing = asyncio.create_task(place_hold(conn, call_id=d.call_id, reason="r", actor="a", at=T0))
+            await wait_for_lock_wait(other)
+            assert not placing.done(), "placing a hold waits until the item in flight is finished"
+        await asyncio.wait_for(placing, 10)
+    finally:
+        await other.close()
+    assert [h.call_id for h in await list_holds(conn)] == [d.call_id]
+
+
+# -- append-only stays true --------------------------------------------------------------------
+
+async def test_only_the_audited_redaction_can_change_a_row(db: str, conn: asyncpg.Connection, recdir: Path) -> None:
+    d = await add_decision(conn, at=T0)
+    victim = await add_decision(conn, at=T0 + 50 * DAY, number="+4599999999")  # not expired yet
+    await sweeper(db, recdir, Clock(T0 + 100 * DAY)).run()
+    [tomb] = await tombstones(conn, scope="record", consent_id=d.consent_id)
+
+    attempts = [
+        # no redaction context at all
+        ("UPDATE consent_events SET caller_ref = NULL WHERE consent_id = $1", victim.consent_id),
+        ("DELETE FROM consent_events WHERE consent_id = $1", victim.consent_id),
+    ]
+    for sql, arg in attempts:
+        with pytest.raises(asyncpg.PostgresError, match="append-only"):
+            await conn.execute(sql, arg)
+    # Forging the setting with a real tombstone id: still only its own group, only personal fields.
+    with pytest.raises(asyncpg.PostgresError, match="audited redaction"):
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('consent_gate.redaction_id', $1, true)", str(tomb["erasure_id"]))
+            await conn.execute("UPDATE consent_events SET caller_ref = NULL, redacted_at = now(), redaction_id = $2"
+                               " WHERE consent_id = $1", victim.consent_id, tomb["erasure_id"])
+    assert (await rows(conn, victim.consent_id))[0]["caller_ref"] == victim.caller_ref
+
+    # A row of the tombstone's own group, but changing a non-personal field: refused.
+    d2 = await add_decision(conn, at=T0 + 99 * DAY, consent_id=d.consent_id, call_id=d.call_id, recording_id=None,
+                            event=EventKind.WITHDRAWN)
+    with pytest.raises(asyncpg.PostgresError, match="audited redaction"):
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('consent_gate.redaction_id', $1, true)", str(tomb["erasure_id"]))
+            await conn.execute("UPDATE consent_events SET caller_ref = NULL, digit = '9', redacted_at = now(),"
+                               " redaction_id = $2 WHERE event_id = $1", d2.events[0].event_id, tomb["erasure_id"])
+    # A refusal is no licence to redact.
+    refusal = await retention.write_erasure(conn, kind="refusal", scope="record", reason="r", actor="a", at=T0,
+                                            group=(await retention.fetch_groups(
+                                                conn, retention.KEYS_ONE_GROUP, victim.consent_id, "training"))[0])
+    with pytest.raises(asyncpg.PostgresError, match="no erasure tombstone"):
+        await conn.fetchval("SELECT consent_redact($1, now())", refusal)
+    await place_hold(conn, call_id=victim.call_id, reason="r", actor="a", at=T0)
+    for table in ("data_erasures", "legal_holds"):
+        with pytest.raises(asyncpg.PostgresError, match="append-only"):
+            await conn.execute(f"UPDATE {table} SET actor = 'x'")
+        with pytest.raises(asyncpg.PostgresError, match="append-only"):
+            await conn.execute(f"TRUNCATE {table}")
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+def test_recording_files_match_only_the_id(recdir: Path) -> None:
+    rec = new_recording_id()
+    mine = write_recording(recdir, rec, legs=True)
+    other = new_recording_id()
+    write_recording(recdir, other)
+    for junk in (f"{rec}.wav.bak~", f"x{rec}.wav", f"{rec}-../x.wav".replace("/", "_"), f"{rec}.WAV"):
+        (recdir / junk).write_bytes(b"")
+    assert retention.recording_files(recdir, rec) == sorted(mine)
+    for bad in ("../../etc/passwd", rec.upper(), rec[:-1], rec + "0", "*", f"{rec}\n", ""):
+        with pytest.raises(ValueError):
+            retention.recording_files(recdir, bad)
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+def test_cli_sweep_and_hold(db: str, recdir: Path, monkeypatch: pytest.MonkeyPatch,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI on the real clock: an old decision goes, a fresh one stays; holds by number."""
+    now = datetime.now(timezone.utc)
+
+    async def setup() -> tuple[Decision, Decision]:
+        connection = await asyncpg.connect(db)
+        try:
+            old = await add_decision(connection, at=now - 100 * DAY, number="+45 70 70 70 70")
+            fresh = await add_decision(connection, at=now - DAY)
+            return old, fresh
+        finally:
+            await connection.close()
+
+    old, fresh = asyncio.run(setup())
+    [old_path] = write_recording(recdir, old.recording_id)
+    [fresh_path] = write_recording(recdir, fresh.recording_id)
+    monkeypatch.setenv("CONSENT_GATE_DSN", db)
+    monkeypatch.setenv("CONSENT_GATE_HMAC_KEY", HMAC_KEY.decode())
+    monkeypatch.setenv("CONSENT_GATE_RECORDINGS_DIR", str(recdir))
+    monkeypatch.delenv("CONSENT_GATE_CONFIG", raising=False)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    retention.register_cli(sub)
+
+    def run(*argv: str, stdin: str | None = None) -> str:
+        if stdin is not None:
+            import io
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        args = parser.parse_args(list(argv))
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    run("hold", "place", "--caller-number", "-", "--reason", "dispute 42", stdin="+4570707070\n")
+    [listing] = json.loads(run("hold", "list", "--json"))
+    assert listing["caller_ref"] == old.caller_ref and listing["reason"] == "dispute 42"
+    assert "4570707070" not in json.dumps(listing)
+    report = json.loads(run("retention", "sweep", "--json"))
+    assert report["recordings_deleted"] == [] and old_path.exists() and report["held"]
+    run("hold", "release", listing["hold_id"], "--reason", "settled")
+    dry = json.loads(run("retention", "sweep", "--dry-run", "--json"))
+    assert [r["recording_id"] for r in dry["recordings_deleted"]] == [old.recording_id] and old_path.exists()
+    assert "deleted 1 recording(s)" in run("retention", "sweep")
+    assert not old_path.exists() and fresh_path.exists()
