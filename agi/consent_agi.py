@@ -44,9 +44,12 @@ def _agi_errors() -> tuple[type[BaseException], ...]:
     from asterisk.agi import AGIAppError, AGIHangup, AGIUnknownError
 
     # pyst2 raises AGIAppError (not an AGIHangup) for "result=-1", which is how Asterisk
-    # reports a hangup during STREAM FILE / WAIT FOR DIGIT, and AGIUnknownError for the bare
-    # "HANGUP" line Asterisk writes when the channel goes away: all mean the caller is gone.
-    return (AGIHangup, AGIAppError, AGIUnknownError, BrokenPipeError, EOFError)
+    # reports a hangup during STREAM FILE / WAIT FOR DIGIT, and AGIUnknownError for
+    # "511 Command Not Permitted on a dead channel".  For the bare "HANGUP" line Asterisk
+    # writes when the channel goes away, and for the end of its input (Asterisk closed the
+    # pipe), pyst2 fails to parse a result code and raises ValueError.  All mean the caller
+    # is gone.
+    return (AGIHangup, AGIAppError, AGIUnknownError, BrokenPipeError, EOFError, ValueError)
 
 
 @dataclass

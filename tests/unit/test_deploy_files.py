@@ -1,0 +1,111 @@
+"""deploy/: the example settings document every setting and load as they are; the systemd unit
+is valid (systemd-analyze verify) and keeps its hardening and its secrets out of sight."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from consent_gate import config
+from consent_gate.config import DEFAULT_PURPOSES, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "deploy" / "consent-gate.example.toml"
+UNIT = ROOT / "deploy" / "consent-gate-ari.service"
+SECRET_ENV = {"CONSENT_GATE_HMAC_KEY": "k" * 32, "CONSENT_GATE_ARI_PASSWORD": "test-password"}
+
+
+def test_example_loads_as_shipped() -> None:
+    settings = load_settings(EXAMPLE, env=SECRET_ENV)
+    assert settings.ari_url == "http://127.0.0.1:8088"
+    assert settings.ari_app == settings.ari_user == "consent-gate"
+    assert str(settings.journal_dir) == "/var/lib/consent-gate/journal"
+    assert str(settings.recordings_dir) == "/var/spool/asterisk/consent-gate"
+    # The example's purposes are the built-in ones, spelt out.
+    assert dict(settings.purposes) == DEFAULT_PURPOSES
+
+
+def test_commented_settings_are_the_defaults(tmp_path: Path) -> None:
+    """Uncommenting any "#key = value" line of the example changes nothing: they show defaults.
+    (Secret-file settings stay commented: the files need not exist here.)"""
+    lines, section = [], None
+    for line in EXAMPLE.read_text().splitlines():
+        header = re.match(r"^#?\[(\w+)\]$", line)
+        if header:
+            section = header[1]
+            known = section in config._SECTION_KEYS
+            lines.append(line.lstrip("#") if known else line)
+            continue
+        setting = re.match(r"^#(\w+) = ", line)
+        keys = config._SECTION_KEYS.get(section or "")
+        if setting and keys is not None and setting[1] in keys and not setting[1].endswith("_file"):
+            line = line[1:]
+        lines.append(line)
+    uncommented = tmp_path / "uncommented.toml"
+    uncommented.write_text("\n".join(lines) + "\n")
+    assert load_settings(uncommented, env=SECRET_ENV) == load_settings(EXAMPLE, env=SECRET_ENV)
+
+
+def test_example_documents_every_setting() -> None:
+    text = EXAMPLE.read_text()
+    for section, keys in config._SECTION_KEYS.items():
+        assert re.search(rf"(?m)^#?\[{section}[\].]", text), f"section [{section}] undocumented"
+        for key in sorted(keys or ()):
+            assert re.search(rf"(?m)^#?{key} = ", text), f"{section}.{key} undocumented"
+    for key in ("legal_basis", "prompt", "retention_days", "training_copy"):
+        assert re.search(rf"(?m)^#   {key} ", text), f"purposes.*.{key} undocumented"
+    # Every environment variable the settings loader reads is named.
+    for env_name in sorted(set(re.findall(r'"(CONSENT_GATE_[A-Z_]+)"', Path(config.__file__).read_text()))):
+        assert env_name in text, f"${env_name} undocumented"
+
+
+def test_example_holds_no_secret() -> None:
+    data = tomllib.loads(EXAMPLE.read_text())
+    flat = {f"{section}.{key}": value for section, table in data.items() if section != "purposes"
+            for key, value in table.items()}
+    assert not [key for key in flat if re.search(r"password|secret|token|key", key)], flat
+    assert "@" not in flat["ledger.dsn"] and "password" not in flat["ledger.dsn"]
+
+
+def _unit() -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, _, value = line.partition("=")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def test_unit_is_hardened_and_reads_secrets_as_credentials() -> None:
+    unit = _unit()
+    assert unit["ProtectSystem"] == ["strict"]
+    assert unit["UMask"] == ["0077"]
+    assert unit["NoNewPrivileges"] == ["yes"]
+    assert unit["User"] == ["consent-gate"] or unit.get("DynamicUser") == ["yes"]
+    example = tomllib.loads(EXAMPLE.read_text())
+    assert unit["ReadWritePaths"] == [example["ledger"]["journal_dir"]]
+    assert unit["IPAddressAllow"] == ["localhost"]
+    credentials = {value.split(":", 1)[0] for value in unit["LoadCredential"]}
+    assert credentials == {"ari-password", "hmac-key"}
+    environment = unit["Environment"]
+    assert "CONSENT_GATE_ARI_PASSWORD_FILE=%d/ari-password" in environment
+    assert "CONSENT_GATE_HMAC_KEY_FILE=%d/hmac-key" in environment
+    # No secret value in the unit itself.
+    assert not [e for e in environment if re.match(r"CONSENT_GATE_\w*(PASSWORD|KEY|SECRET)=", e)]
+    assert all("--config /etc/consent-gate/consent-gate.toml" in cmd for cmd in unit["ExecStart"] + unit["ExecStartPre"])
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    # verify insists that ExecStart= exists: point it at this checkout's entry point.
+    entry = shutil.which("consent-gate-ari") or str(Path(sys.executable).with_name("consent-gate-ari"))
+    assert Path(entry).exists(), "consent-gate-ari is not installed (pip install -e .)"
+    text = UNIT.read_text().replace("/usr/local/bin/consent-gate-ari", entry)
+    copy = tmp_path / "consent-gate-ari.service"
+    copy.write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "consent-gate-ari.service" not in done.stderr, done.stderr
