@@ -549,3 +549,52 @@ def test_cli_sweep_and_hold(db: str, recdir: Path, monkeypatch: pytest.MonkeyPat
     assert [r["recording_id"] for r in dry["recordings_deleted"]] == [old.recording_id] and old_path.exists()
     assert "deleted 1 recording(s)" in run("retention", "sweep")
     assert not old_path.exists() and fresh_path.exists()
+
+
+# -- shipped samples ----------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sample_purpose_catalogue_loads_with_both_businesses() -> None:
+    import re
+    import tomllib
+
+    from consent_gate.config import load_settings
+
+    settings = load_settings(ROOT / "deploy" / "consent-gate.toml", env={"CONSENT_GATE_HMAC_KEY": "k" * 32},
+                             require_ari=False)
+    training, broker = settings.purposes["training"], settings.purposes["mifid-orders"]
+    assert training.legal_basis == "consent" and training.training_copy and training.retention_days == 90
+    assert broker.legal_basis == "legal-obligation" and broker.retention_days == 1825
+    assert broker.prompt == "notice-legal-obligation" and not broker.training_copy
+    for purpose in settings.purposes.values():
+        assert (ROOT / "prompts" / "sounds" / "en" / f"{purpose.prompt}.wav").is_file(), purpose.prompt
+    # The TOML shown in docs/purposes.md is the shipped sample, table for table.
+    docs = (ROOT / "docs" / "purposes.md").read_text()
+    shown: dict[str, Any] = {}
+    for block in re.findall(r"```toml\n(.*?)```", docs, re.S):
+        shown.update(tomllib.loads(block)["purposes"])
+    assert shown == tomllib.loads((ROOT / "deploy" / "consent-gate.toml").read_text())["purposes"]
+
+
+def test_retention_timer_and_service_verify(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    service = (ROOT / "deploy" / "consent-gate-retention.service").read_text()
+    timer = (ROOT / "deploy" / "consent-gate-retention.timer").read_text()
+    assert "retention sweep --config /etc/consent-gate/consent-gate.toml" in service
+    assert "Type=oneshot" in service and "Unit=consent-gate-retention.service" in timer
+    assert "Persistent=true" in timer
+    assert not [line for line in service.splitlines()
+                if line.startswith("Environment=CONSENT_GATE_") and "_FILE=" not in line], "no secret in the unit"
+    entry = shutil.which("consent-gate") or str(Path(sys.executable).with_name("consent-gate"))
+    assert Path(entry).exists(), "consent-gate is not installed (pip install -e .)"
+    (tmp_path / "consent-gate-retention.service").write_text(service.replace("/usr/local/bin/consent-gate", entry))
+    (tmp_path / "consent-gate-retention.timer").write_text(timer)
+    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "consent-gate-retention.service"),
+                           str(tmp_path / "consent-gate-retention.timer")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "consent-gate-retention" not in done.stderr, done.stderr
