@@ -223,12 +223,16 @@ async def serve(settings: Any, listen: str, token: str) -> None:
     log.info("api.listening", listen=listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    installed = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
     try:
         await stop.wait()
     finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
         await runner.cleanup()
 
 

@@ -219,3 +219,40 @@ async def test_erase_by_reference_and_legal_obligation_refusal(
     assert refusal["kind"] == "refusal" and refusal["actor"].startswith("api@127.0.0.1")
     # The response names the decisions of this person only.
     assert str(d.consent_id) not in json.dumps(result)
+
+
+async def test_serve_listens_where_configured_and_stops_cleanly(db: str, recdir: Path) -> None:
+    import asyncio
+    import socket
+    from dataclasses import replace
+
+    import aiohttp
+
+    from consent_gate.config import load_settings
+
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = replace(load_settings(None, env={"CONSENT_GATE_HMAC_KEY": HMAC_KEY.decode()}, require_ari=False),
+                       database_dsn=db, recordings_dir=recdir)
+    server = asyncio.create_task(api.serve(settings, f"127.0.0.1:{port}", TOKEN))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    try:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                assert not server.done(), server.exception() if server.done() else None
+                try:
+                    async with session.post(f"http://127.0.0.1:{port}/v1/subject/export", json={}) as response:
+                        assert response.status == 401
+                        break
+                except aiohttp.ClientConnectorError:
+                    assert loop.time() < deadline, "the API did not start listening"
+                    await asyncio.sleep(0.02)
+            async with session.post(f"http://127.0.0.1:{port}/v1/subject/export", headers=auth(),
+                                    json={"consent_id": str(uuid.uuid4())}) as response:
+                assert response.status == 404
+    finally:
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
