@@ -9,9 +9,13 @@ from typing import Any
 
 import structlog
 
-from consent_gate.dialog import CallInfo, GateContext
+from consent_gate.dialog import CallInfo, DialogResult, GateContext
+from consent_gate.events import Decision
+from consent_gate.midcall import MidCallState
 
+from .ami import AmiClient
 from .call import CallSession
+from .midcall import SNOOP_ARG, CallWatch
 from .transport import AriClient, AriError
 
 log = structlog.get_logger(__name__)
@@ -24,7 +28,9 @@ CLEANUP_GRACE = 5.0
 class ConsentGateApp:
     client: AriClient
     gate: GateContext
+    ami: AmiClient | None = None
     sessions: dict[str, CallSession] = field(default_factory=dict)
+    watches: dict[str, CallWatch] = field(default_factory=dict)
     _reapers: set[asyncio.Task[None]] = field(default_factory=set)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -50,6 +56,8 @@ class ConsentGateApp:
                     session.deliver(event)
             case "StasisStart":
                 self._on_stasis_start(event)
+            case "PlaybackFinished" if self._whisper_finished(event):
+                pass
             case _:
                 channel_id = _channel_id(event)
                 session = self.sessions.get(channel_id) if channel_id else None
@@ -57,6 +65,11 @@ class ConsentGateApp:
                     session.deliver(event)
                     if kind in ("StasisEnd", "ChannelDestroyed"):
                         self._schedule_cleanup(session)
+                    return
+                bridge_id = str((event.get("bridge") or {}).get("id") or "")
+                for watch in self.watches.values():
+                    if channel_id in watch.channel_ids() or (bridge_id and bridge_id in watch.bridges):
+                        watch.deliver(event)
 
     def _on_stasis_start(self, event: dict[str, Any]) -> None:
         channel = event.get("channel") or {}
@@ -65,6 +78,8 @@ class ConsentGateApp:
             return
         args = event.get("args") or []
         purpose_name = str(args[0]) if args else ""
+        if purpose_name == SNOOP_ARG:
+            return  # our own whisper channel, driven by its CallWatch
         caller = channel.get("caller") or {}
         call = CallInfo(
             call_id=channel_id,
@@ -74,6 +89,7 @@ class ConsentGateApp:
         session = CallSession(
             client=self.client, gate=self.gate, channel_id=channel_id, call=call,
             purpose=self.gate.settings.purpose(purpose_name),
+            channel_name=str(channel.get("name") or ""), on_released=self._watch_call,
         )
         self.sessions[channel_id] = session
         session.task = asyncio.create_task(self._run_session(session), name=f"call-{channel_id}")
@@ -83,6 +99,24 @@ class ConsentGateApp:
             await session.run()
         finally:
             self.sessions.pop(session.channel_id, None)
+
+    def _whisper_finished(self, event: dict[str, Any]) -> bool:
+        playback_id = str((event.get("playback") or {}).get("id") or "")
+        return any(watch.playback_finished(playback_id) for watch in self.watches.values())
+
+    def _watch_call(self, session: CallSession, result: DialogResult) -> None:
+        """The rest of the call: withdrawal, caller-records notice, secure pause, agent notices."""
+        if session.purpose is None or result.status is Decision.ABANDONED:
+            return
+        state = MidCallState(
+            call=session.call, purpose=session.purpose, consent_id=result.consent_id,
+            language=session.state.language, recording_id=result.recording_id,
+            caller_records=result.caller_records,
+        )
+        watch = CallWatch(self.client, self.ami, self.gate, session.channel_id, session.channel_name, state)
+        self.watches[session.channel_id] = watch
+        watch.task = asyncio.create_task(watch.run(), name=f"watch-{session.channel_id}")
+        watch.task.add_done_callback(lambda _: self.watches.pop(session.channel_id, None))
 
     def _schedule_cleanup(self, session: CallSession) -> None:
         """Cancel a session that outlives its channel by more than the grace period."""
@@ -108,7 +142,17 @@ class ConsentGateApp:
             log.warning("ari.orphan_scan_failed", error=str(error))
             return
         for channel_id in (info or {}).get("channel_ids", []):
-            if channel_id in self.sessions:
+            if channel_id in self.sessions or any(channel_id in w.channel_ids() for w in self.watches.values()):
+                continue
+            try:
+                channel = await self.client.request("GET", f"/channels/{channel_id}")
+            except AriError:
+                continue
+            if (channel or {}).get("dialplan", {}).get("app_name") != "Stasis":
+                # Subscribed by an earlier process for mid-call keys, not waiting in Stasis.
+                with contextlib.suppress(AriError):
+                    await self.client.request("DELETE", f"/applications/{self.client_app}/subscription",
+                                              params={"eventSource": f"channel:{channel_id}"})
                 continue
             log.warning("ari.orphan_released", channel=channel_id)
             with contextlib.suppress(AriError):
@@ -122,6 +166,7 @@ class ConsentGateApp:
 
     async def shutdown(self) -> None:
         tasks = [s.task for s in self.sessions.values() if s.task is not None]
+        tasks += [w.task for w in self.watches.values() if w.task is not None]
         for task in tasks:
             task.cancel()
         if tasks:

@@ -15,7 +15,7 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
@@ -53,6 +53,10 @@ class CallSession:
     call: CallInfo
     purpose: Purpose | None
     source: str = "ari"
+    channel_name: str = ""
+    # Called once the channel is back in the dialplan with a decision (the app starts the
+    # mid-call watcher from here).
+    on_released: Callable[["CallSession", DialogResult], None] | None = None
     state: DialogState = field(default_factory=DialogState)
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     pending_keys: collections.deque[str] = field(default_factory=collections.deque)
@@ -146,6 +150,8 @@ class CallSession:
             await self.client.set_var(self.channel_id, name, value)
         await self.client.continue_in_dialplan(self.channel_id)
         self.released = True
+        if self.on_released is not None:
+            self.on_released(self, result)
 
     async def _release_unavailable(self) -> None:
         """Shielded, time-limited: put the channel back into the dialplan without a recording."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import contextlib
 import signal
 import sys
@@ -25,6 +27,7 @@ from consent_gate.logging import configure_logging
 from consent_gate.prompts import PromptCatalog, PromptError
 
 from .app import ConsentGateApp
+from .ami import AmiClient, AmiConfig
 from .transport import AriClient, AriConfig
 
 log = structlog.get_logger(__name__)
@@ -46,8 +49,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     try:
         ari = AriConfig(base_url=settings.ari_url, username=settings.ari_user,
                         password=settings.ari_password, app=settings.ari_app)
+        ami = AmiClient(AmiConfig(settings.ami_host, settings.ami_port, settings.ami_user, settings.ami_secret or ""))
         async with AriClient(ari) as client:
-            app = ConsentGateApp(client, GateContext(settings, catalog, ledger))
+            app = ConsentGateApp(client, GateContext(settings, catalog, ledger), ami=ami)
             runner = asyncio.create_task(app.run(), name="ari-app")
             log.info("consent_gate.started", ari=settings.ari_url, app=settings.ari_app,
                      purposes=sorted(settings.purposes))
@@ -59,6 +63,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
     finally:
+        await ami.close()
         await ledger.close()
         log.info("consent_gate.stopped")
 
@@ -72,10 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="TOML settings file (default: $CONSENT_GATE_CONFIG)")
     parser.add_argument("--check-config", action="store_true", help="validate settings and prompts, then exit")
     parser.add_argument("--log-format", choices=("json", "console"), default="json")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning"),
+                        default=os.environ.get("CONSENT_GATE_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
-    configure_logging(args.log_format)
+    configure_logging(args.log_format, getattr(logging, args.log_level.upper()))
     try:
         settings = load_settings(args.config)
+        if not settings.ami_secret:
+            # Withdrawal must be as easy as consent: without AMI the service could not stop a recording.
+            raise ConfigError("ami.secret: mid-call withdrawal needs AMI; set CONSENT_GATE_AMI_SECRET or *_FILE")
         if args.check_config:
             check_prompts(settings, PromptCatalog.load(settings.prompts_dir))
             print("configuration ok")

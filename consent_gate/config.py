@@ -28,7 +28,9 @@ _SECTION_KEYS: dict[str, frozenset[str] | None] = {
     "recordings": frozenset({"dir"}),
     "prompts": frozenset({"dir", "asterisk_dir", "default_language"}),
     "dialog": frozenset({"accept_key", "decline_key", "reciprocal_key", "digit_timeout", "repeats",
-                         "withdraw_code"}),
+                         "withdraw_code", "caller_records_code", "pause_code", "resume_code",
+                         "pause_limit", "caller_may_pause", "code_timeout"}),
+    "ami": frozenset({"host", "port", "username", "secret_file"}),
     "purposes": None,
     "api": frozenset({"listen", "token_file"}),
 }
@@ -59,7 +61,15 @@ class DialogSettings:
     reciprocal_key: str = "3"
     digit_timeout: float = 5.0
     repeats: int = 1
+    # Mid-call codes (keyed while bridged): the caller withdraws or says they record; the agent
+    # (and, if allowed, the caller) pauses the recording while card data is given.
     withdraw_code: str = "*0"
+    caller_records_code: str = "*3"
+    pause_code: str = "*5"
+    resume_code: str = "*6"
+    pause_limit: float = 120.0
+    caller_may_pause: bool = False
+    code_timeout: float = 3.0
 
 
 DEFAULT_PURPOSES = {
@@ -89,6 +99,11 @@ class Settings:
     # Data-subject HTTP API (consent_gate/api.py); its token is read only when the API starts.
     api_listen: str = "127.0.0.1:8089"
     api_token_file: str | None = None
+    # AMI (loopback) for stopping and muting MixMonitor mid-call; the secret only from env/file.
+    ami_host: str = "127.0.0.1"
+    ami_port: int = 5038
+    ami_user: str = "consent-gate"
+    ami_secret: str | None = None
 
     def purpose(self, name: str) -> Purpose | None:
         return self.purposes.get(name)
@@ -120,6 +135,20 @@ def _secret(env: Mapping[str, str], name: str, file_setting: str | None, what: s
     raise ConfigError(f"{what}: set ${name} or ${name}_FILE (no default is shipped)")
 
 
+def _port(value: str | int, where: str) -> int:
+    if isinstance(value, int) or str(value).isdigit():
+        port = int(value)
+        if 1 <= port <= 65535:
+            return port
+    raise ConfigError(f"{where}: {value!r} is not a port number")
+
+
+def _optional_secret(env: Mapping[str, str], name: str, file_setting: str | None, what: str) -> str | None:
+    if not (env.get(name) or env.get(f"{name}_FILE") or file_setting):
+        return None
+    return _secret(env, name, file_setting, what)
+
+
 def _parse_dialog(table: Mapping[str, Any], where: str) -> DialogSettings:
     defaults = DialogSettings()
     dialog = DialogSettings(
@@ -129,6 +158,12 @@ def _parse_dialog(table: Mapping[str, Any], where: str) -> DialogSettings:
         digit_timeout=_get(table, "digit_timeout", float, where, defaults.digit_timeout),
         repeats=_get(table, "repeats", int, where, defaults.repeats),
         withdraw_code=_get(table, "withdraw_code", str, where, defaults.withdraw_code),
+        caller_records_code=_get(table, "caller_records_code", str, where, defaults.caller_records_code),
+        pause_code=_get(table, "pause_code", str, where, defaults.pause_code),
+        resume_code=_get(table, "resume_code", str, where, defaults.resume_code),
+        pause_limit=_get(table, "pause_limit", float, where, defaults.pause_limit),
+        caller_may_pause=_get(table, "caller_may_pause", bool, where, defaults.caller_may_pause),
+        code_timeout=_get(table, "code_timeout", float, where, defaults.code_timeout),
     )
     for key in ("accept_key", "decline_key", "reciprocal_key"):
         value = getattr(dialog, key)
@@ -140,8 +175,18 @@ def _parse_dialog(table: Mapping[str, Any], where: str) -> DialogSettings:
         raise ConfigError(f"{where}.digit_timeout: {dialog.digit_timeout} is outside 1..30 seconds")
     if not 0 <= dialog.repeats <= 3:
         raise ConfigError(f"{where}.repeats: {dialog.repeats} is outside 0..3")
-    if not (2 <= len(dialog.withdraw_code) <= 4 and all(c in DTMF_KEYS for c in dialog.withdraw_code)):
-        raise ConfigError(f"{where}.withdraw_code: {dialog.withdraw_code!r} must be 2-4 DTMF keys")
+    codes = ("withdraw_code", "caller_records_code", "pause_code", "resume_code")
+    for key in codes:
+        code = getattr(dialog, key)
+        # A leading * or # keeps mid-call codes apart from the digits of ordinary menus.
+        if not (2 <= len(code) <= 4 and code[0] in "*#" and all(c in DTMF_KEYS for c in code)):
+            raise ConfigError(f"{where}.{key}: {code!r} must be 2-4 DTMF keys starting with * or #")
+    if len({getattr(dialog, key) for key in codes}) != len(codes):
+        raise ConfigError(f"{where}: {', '.join(codes)} must all differ")
+    if not 10.0 <= dialog.pause_limit <= 900.0:
+        raise ConfigError(f"{where}.pause_limit: {dialog.pause_limit} is outside 10..900 seconds")
+    if not 0.5 <= dialog.code_timeout <= 10.0:
+        raise ConfigError(f"{where}.code_timeout: {dialog.code_timeout} is outside 0.5..10 seconds")
     return dialog
 
 
@@ -203,6 +248,7 @@ def load_settings(
     recordings = data.get("recordings", {})
     prompts = data.get("prompts", {})
     api = data.get("api", {})
+    ami = data.get("ami", {})
 
     def pick(env_name: str, table: Mapping[str, Any], key: str, where: str, default: Any = ...) -> Any:
         if env.get(env_name):
@@ -240,6 +286,10 @@ def load_settings(
             else dict(DEFAULT_PURPOSES),
             api_listen=pick("CONSENT_GATE_API_LISTEN", api, "listen", "api", "127.0.0.1:8089"),
             api_token_file=_get(api, "token_file", str, f"{name}: api", None),
+            ami_host=pick("CONSENT_GATE_AMI_HOST", ami, "host", "ami", "127.0.0.1"),
+            ami_port=_port(env.get("CONSENT_GATE_AMI_PORT") or ami.get("port", 5038), f"{name}: ami.port"),
+            ami_user=pick("CONSENT_GATE_AMI_USER", ami, "username", "ami", "consent-gate"),
+            ami_secret=_optional_secret(env, "CONSENT_GATE_AMI_SECRET", ami.get("secret_file"), f"{name}: ami.secret"),
         )
     except ConfigError:
         raise

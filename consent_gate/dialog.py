@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -87,6 +88,7 @@ class DialogState:
     invalid_keys: list[str] = field(default_factory=list)
     decision: Decision | None = None
     failure: str | None = None
+    caller_records: bool = False
     recording_id: str | None = None
     durability: Durability | None = None
 
@@ -98,6 +100,7 @@ class DialogResult:
     recording_id: str | None
     confirmation: PromptRef | None
     record_legs: bool = False
+    caller_records: bool = False
 
     def channel_variables(self) -> dict[str, str]:
         """What the dialplan reads after the dialog, in the order to set them: status last,
@@ -108,6 +111,7 @@ class DialogResult:
             # Caller and agent legs as separate files too, for purposes that make training copies.
             "CONSENT_RECORD_LEGS": "1" if self.record_legs and self.recording_id else "",
             "CONSENT_CONFIRMATION": self.confirmation.media if self.confirmation else "",
+            "CONSENT_CALLER_RECORDS": "1" if self.caller_records else "",
             "CONSENT_STATUS": str(self.status),
         }
 
@@ -155,7 +159,7 @@ async def run_consent_dialog(
         question = gate.prompt(state.language, purpose.prompt)
         state.prompt_version = question.version
         try:
-            await _ask(port, question, gate, state)
+            await _ask(port, question, gate, state, call, purpose)
         except CallerHungUp:
             state.decision = Decision.ABANDONED
             state.decided_at = gate.clock()
@@ -172,10 +176,15 @@ async def run_consent_dialog(
     return result
 
 
-async def _ask(port: DialogPort, question: PromptRef, gate: GateContext, state: DialogState) -> None:
+async def _ask(
+    port: DialogPort, question: PromptRef, gate: GateContext, state: DialogState, call: CallInfo, purpose: Purpose
+) -> None:
     keys = gate.settings.dialog
-    for attempt in range(1, keys.repeats + 2):
-        state.attempt = attempt
+    questions_left = keys.repeats + 1
+    free_replays = 3  # "I record this call too" re-asks without using up a repeat, a few times
+    while questions_left > 0:
+        questions_left -= 1
+        state.attempt += 1
         state.phase = Phase.ASKING
         if state.prompt_started_at is None:
             state.prompt_started_at = gate.clock()
@@ -189,6 +198,18 @@ async def _ask(port: DialogPort, question: PromptRef, gate: GateContext, state: 
             state.decision, state.digit = Decision.GRANTED, key
         elif key == keys.decline_key:
             state.decision, state.digit = Decision.DECLINED, key
+        elif key == keys.reciprocal_key:
+            if not state.caller_records:
+                state.caller_records = True
+                await gate.ledger.append(event_for(
+                    gate, call, purpose, EventKind.CALLER_RECORDS, consent_id=state.consent_id,
+                    language=state.language, recording_id=None, source=port.source, digit=key,
+                    prompt_version=state.prompt_version, detail={"when": "consent-menu"}))
+            await port.play(gate.prompt(state.language, "caller-records-ack"), stop_keys="")
+            if free_replays > 0:
+                free_replays -= 1
+                questions_left += 1
+            continue
         else:
             state.invalid_keys.append(key)
             await port.play(gate.prompt(state.language, "invalid"), stop_keys="")
@@ -197,6 +218,35 @@ async def _ask(port: DialogPort, question: PromptRef, gate: GateContext, state: 
         return
     state.decision = Decision.NO_INPUT
     state.decided_at = gate.clock()
+
+
+def event_for(
+    gate: GateContext, call: CallInfo, purpose: Purpose, kind: EventKind, *, consent_id: object,
+    language: str, recording_id: str | None, source: str, prompt_version: str | None = None,
+    digit: str | None = None, prompt_started_at: datetime | None = None, decided_at: datetime | None = None,
+    detail: dict[str, object] | None = None,
+) -> ConsentEvent:
+    """One ledger event about this call; the caller is only ever stored as the keyed pseudonym
+    (plus the raw number where the operator configured it)."""
+    settings = gate.settings
+    return ConsentEvent(
+        consent_id=consent_id if isinstance(consent_id, uuid.UUID) else uuid.UUID(str(consent_id)),
+        call_id=call.call_id[:64],
+        event=kind,
+        purpose=purpose.name,
+        legal_basis=purpose.legal_basis,
+        occurred_at=gate.clock(),
+        source=source,
+        language=language,
+        prompt_version=prompt_version,
+        digit=digit,
+        caller_ref=caller_reference(settings.hmac_key, call.caller_number),
+        caller_number=(call.caller_number[:64] or None) if settings.store_raw_number else None,
+        recording_id=recording_id,
+        prompt_started_at=prompt_started_at,
+        decided_at=decided_at,
+        detail=dict(detail or {}),
+    )
 
 
 async def _store(
@@ -209,22 +259,10 @@ async def _store(
     recording_id = new_recording_id() if wants_recording else None
 
     def event(kind: EventKind, recording: str | None, **detail: object) -> ConsentEvent:
-        return ConsentEvent(
-            consent_id=state.consent_id,  # type: ignore[arg-type]
-            call_id=call.call_id[:64],
-            event=kind,
-            purpose=purpose.name,
-            legal_basis=purpose.legal_basis,
-            occurred_at=gate.clock(),
-            source=source,
-            language=state.language,
-            prompt_version=state.prompt_version,
-            digit=state.digit,
-            caller_ref=caller_reference(settings.hmac_key, call.caller_number),
-            caller_number=(call.caller_number[:64] or None) if settings.store_raw_number else None,
-            recording_id=recording,
-            prompt_started_at=state.prompt_started_at,
-            decided_at=state.decided_at,
+        return event_for(
+            gate, call, purpose, kind, consent_id=state.consent_id, language=state.language,
+            recording_id=recording, source=source, prompt_version=state.prompt_version, digit=state.digit,
+            prompt_started_at=state.prompt_started_at, decided_at=state.decided_at,
             detail={"invalid_keys": state.invalid_keys, "attempts": state.attempt,
                     **({"failure": state.failure} if state.failure else {}), **detail},
         )
@@ -250,4 +288,4 @@ async def _store(
     ):
         confirmation = gate.prompt(state.language, "declined")
     return DialogResult(decision, str(state.consent_id), recording_id, confirmation,
-                        record_legs=purpose.training_copy)
+                        record_legs=purpose.training_copy, caller_records=state.caller_records)

@@ -885,6 +885,14 @@ class PhoneCall:
         with contextlib.suppress(bs.StaleHandleError):
             await self._call.hangup()
 
+    async def transfer(self, uri: str, timeout: float = 20.0) -> None:
+        """Blind transfer (REFER): the far end is asked to call ``uri``; on success this call ends."""
+        bs = _baresip()
+        try:
+            await self._call.transfer(self.line._target(uri), timeout=timeout)
+        except bs.BaresipError as exc:
+            raise SoftphoneError(f"transfer to {uri!r} failed: {exc}") from exc
+
     async def wait_hangup(self, timeout: float) -> bool:
         """Wait until the call ends; True if it did within ``timeout``."""
         try:

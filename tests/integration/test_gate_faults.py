@@ -20,6 +20,7 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
+from consent_gate.events import caller_reference
 from consent_gate.rig.harness import AsteriskLog, GateService
 from consent_gate.rig.pgsandbox import PgSandbox
 from consent_gate.rig.sandbox import AsteriskSandbox
@@ -89,7 +90,7 @@ async def _tick() -> None:
     await asyncio.sleep(0.2)
 
 
-HOSTILE_NUMBER = "';DROP TABLE consent_events;--$(touch /tmp/cg-pwned)`id`../../etc/passwd"
+HOSTILE_NUMBER = "+4512345678'$(touch /tmp/cg-pwned)`id`../../etc/passwd;DROP TABLE consent_events;--"
 HOSTILE_NAMES = [
     "../../../../etc/passwd; rm -rf / $(touch /tmp/cg-pwned)",
     "Søren Ærø-Ølgaard 你好 мир " + "Å" * 200,
@@ -118,7 +119,9 @@ async def test_hostile_caller_ids_reach_no_file_name(
     assert not os.path.exists("/tmp/cg-pwned")
     assert not (asterisk.host_dir.parents[2] / "tmp" / "cg-pwned").exists()
     [event] = await ledger_events(pg_dsn, call.result.consent_id)
-    assert re.fullmatch(r"[0-9a-f]{64}", event["caller_ref"]) and event["caller_number"] is None
+    # The pseudonym is the keyed hash of the digits alone; the raw number is not stored.
+    assert event["caller_ref"] == caller_reference(gate.hmac_key.encode(), "+4512345678")
+    assert event["caller_number"] is None
     connection = await asyncpg.connect(pg_dsn)
     try:
         assert await connection.fetchval("SELECT count(*) FROM consent_events") > 0, "the table survived"
