@@ -105,16 +105,19 @@ CREATE TRIGGER legal_holds_no_truncate BEFORE TRUNCATE ON legal_holds
     FOR EACH STATEMENT EXECUTE FUNCTION consent_gate_append_only();
 REVOKE UPDATE, DELETE, TRUNCATE ON data_erasures, legal_holds FROM PUBLIC;
 
--- consent_events: DELETE stays forbidden; UPDATE only as an audited redaction (see the top).
-CREATE FUNCTION consent_events_redaction_only() RETURNS trigger
+-- consent_events: DELETE and TRUNCATE stay forbidden; UPDATE only as an audited redaction (see
+-- the top).  The function the two existing triggers (consent_events_no_update_delete,
+-- consent_events_no_truncate) call is replaced; the triggers themselves stay as they are.
+CREATE OR REPLACE FUNCTION consent_events_append_only() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     token text := current_setting('consent_gate.redaction_id', true);
     personal constant text[] := ARRAY['caller_ref', 'caller_number', 'redacted_at', 'redaction_id'];
 BEGIN
-    IF token IS NULL OR token = '' THEN
-        RAISE EXCEPTION 'consent_events is append-only: UPDATE is not allowed (only consent_redact() may redact)'
-            USING ERRCODE = 'insufficient_privilege';
+    IF TG_OP <> 'UPDATE' OR token IS NULL OR token = '' THEN
+        RAISE EXCEPTION 'consent_events is append-only: % is not allowed', TG_OP
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'personal fields are removed only through consent_redact()';
     END IF;
     IF OLD.redacted_at IS NOT NULL
        OR NEW.redacted_at IS NULL
@@ -132,12 +135,6 @@ BEGIN
     RETURN NEW;
 END;
 $$;
-
-DROP TRIGGER consent_events_no_update_delete ON consent_events;
-CREATE TRIGGER consent_events_no_delete BEFORE DELETE ON consent_events
-    FOR EACH ROW EXECUTE FUNCTION consent_events_append_only();
-CREATE TRIGGER consent_events_redaction_only BEFORE UPDATE ON consent_events
-    FOR EACH ROW EXECUTE FUNCTION consent_events_redaction_only();
 
 -- The one redaction path: null the personal fields of the rows a tombstone names.  Returns the
 -- number of rows redacted (0 when they already were: idempotent).

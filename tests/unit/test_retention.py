@@ -101,6 +101,16 @@ async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
+def restore_logging() -> Any:
+    """The CLI configures structlog for stderr (pytest's capture there): put it back afterwards."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.fixture
 def recdir(tmp_path: Path) -> Path:
     directory = tmp_path / "recordings"
     directory.mkdir(mode=0o700)
@@ -506,7 +516,7 @@ def test_recording_files_match_only_the_id(recdir: Path) -> None:
 # -- command line -----------------------------------------------------------------------------------
 
 def test_cli_sweep_and_hold(db: str, recdir: Path, monkeypatch: pytest.MonkeyPatch,
-                            capsys: pytest.CaptureFixture[str]) -> None:
+                            capsys: pytest.CaptureFixture[str], restore_logging: None) -> None:
     """The CLI on the real clock: an old decision goes, a fresh one stays; holds by number."""
     now = datetime.now(timezone.utc)
 

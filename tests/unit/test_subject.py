@@ -33,6 +33,7 @@ from .test_retention import (  # noqa: F401  (fixtures)
     conn,
     db,
     recdir,
+    restore_logging,
     retention_template,
     rows,
     sweeper,
@@ -269,7 +270,7 @@ async def test_erasure_and_sweepers_at_once_delete_each_thing_once(
 # -- command line ----------------------------------------------------------------------------
 
 def test_cli_export_and_erase(db: str, recdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+                              capsys: pytest.CaptureFixture[str], restore_logging: None) -> None:
     async def setup():
         connection = await asyncpg.connect(db)
         try:
