@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +33,9 @@ from consent_gate.dialog import (
     PromptRef,
     run_consent_dialog,
 )
-from consent_gate.events import Decision
+from consent_gate.dialog import pick_language
+from consent_gate.events import Decision, utcnow
+from consent_gate.midcall import Action, MidCallState, Role
 from consent_gate.journal import Journal
 from consent_gate.ledger import Ledger
 from consent_gate.logging import configure_logging
@@ -108,13 +112,98 @@ async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision |
         await ledger.close()
 
 
+MIDCALL_ACTIONS = {action.value: action for action in Action}
+
+
+def parse_midcall(argument: str) -> tuple[Action, Role] | None:
+    """'midcall-<action>-<caller|agent>', as the shipped [consent-gate-withdraw] etc. pass it."""
+    if not argument.startswith("midcall-"):
+        return None
+    body, _, role = argument.removeprefix("midcall-").rpartition("-")
+    if body not in MIDCALL_ACTIONS or role not in ("caller", "agent"):
+        return None
+    return MIDCALL_ACTIONS[body], Role(role)
+
+
+async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) -> bool:
+    """A mid-call code in AGI mode (features.conf applicationmap → Gosub → here), on the caller's
+    channel.  The state of the call lives in its channel variables.  Returns True if it acted."""
+    port = AgiPort(agi)
+
+    async def var(name: str) -> str:
+        return str(await port._call(agi.get_variable, name) or "")
+
+    purpose = settings.purpose(await var("CONSENT_PURPOSE"))
+    consent_id = await var("CONSENT_ID")
+    if purpose is None or not consent_id:
+        return False
+    recording_id = await var("CONSENT_RECORDING_ID")
+    status = await var("CONSENT_STATUS")
+    paused_at = await var("CONSENT_PAUSED_AT")
+    env = agi.env
+    call = CallInfo(call_id=str(env.get("agi_uniqueid", ""))[:64], caller_number=str(env.get("agi_callerid", "")),
+                    language=str(env.get("agi_language", "")))
+    catalog = PromptCatalog.load(settings.prompts_dir)
+    state = MidCallState(
+        call=call, purpose=purpose, consent_id=consent_id,
+        language=pick_language(call.language, catalog.languages, settings.default_language),
+        recording_id=recording_id if status == "granted" and len(recording_id) == 32 else None,
+        caller_records=await var("CONSENT_CALLER_RECORDS") == "1",
+        withdrawn=await var("CONSENT_WITHDRAWN") == "1",
+        paused_at=datetime.fromisoformat(paused_at) if paused_at else None,
+    )
+    plan = state.plan(action, role, settings.dialog, utcnow())
+    if plan is None:
+        return False
+    ledger = Ledger(settings.database_dsn, Journal(settings.journal_dir), write_timeout=settings.ledger_write_timeout)
+    await ledger.start()
+    try:
+        gate = GateContext(settings, catalog, ledger)
+        files = recording_files(settings.recordings_dir, state.recording_id or "")
+        if plan.stop_recording or plan.mute:
+            # Dialplan has no "mute MixMonitor": a pause stops it, a resume appends to the same files.
+            await port._call(agi.appexec, "StopMixMonitor", "")
+        if plan.mute is False:
+            legs = await var("CONSENT_RECORD_LEGS") == "1"
+            options = f"r({files[1]})t({files[2]})a" if legs else "a"
+            await port._call(agi.appexec, "MixMonitor", f"{files[0]},{options}")
+        deleted = 0
+        if plan.delete_recording:
+            for path in files:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    deleted += 1
+        if plan.ledger_event is not None:
+            detail = dict(plan.detail, **({"deleted_files": deleted} if plan.delete_recording else {}))
+            await ledger.append(state.event(gate, plan.ledger_event, "agi", **detail))
+        for name, value in (("CONSENT_WITHDRAWN", "1" if state.withdrawn else ""),
+                            ("CONSENT_CALLER_RECORDS", "1" if state.caller_records else ""),
+                            ("CONSENT_PAUSED_AT", state.paused_at.isoformat() if state.paused_at else "")):
+            await port._call(agi.set_variable, name, value)
+        # The routine runs on the caller's channel: only the caller's notice can be played here
+        # (agent notices need the ARI service's whispers).
+        if plan.caller_notice and role is Role.CALLER:
+            await port.play(gate.prompt(state.language, plan.caller_notice), stop_keys="")
+        return True
+    finally:
+        await ledger.close()
+
+
+def recording_files(directory: Path, recording_id: str) -> list[Path]:
+    """Mix, caller leg, agent leg: names from the opaque id only."""
+    if len(recording_id) != 32 or not all(c in "0123456789abcdef" for c in recording_id):
+        return []
+    return [directory / f"{recording_id}{suffix}.wav" for suffix in ("", "-caller", "-agent")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="consent-gate-agi",
         description="Consent dialog as an AGI script: AGI(consent-gate-agi,<purpose>). "
         "Reads the same settings as consent-gate-ari (--config or $CONSENT_GATE_CONFIG).",
     )
-    parser.add_argument("purpose", help="purpose name from the purpose catalogue")
+    parser.add_argument("purpose", help="purpose name from the purpose catalogue, or midcall-<action>-<caller|agent> "
+                        "(action: withdraw, caller-records, pause, resume) from the features.conf routines")
     parser.add_argument("--config", type=Path)
     args = parser.parse_args(argv)
     # AGI speaks on stdout; logs go to stderr (Asterisk's console), never caller data to a shell.
@@ -130,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     # pyst2 echoes the whole AGI environment (caller ID included) to stderr: silence it.
     agi = AGI(stdin=stdin, stdout=sys.stdout, stderr=open(os.devnull, "w"))
     try:
-        asyncio.run(run_agi(settings, agi, args.purpose))
+        midcall = parse_midcall(args.purpose)
+        if midcall is not None:
+            asyncio.run(run_midcall(settings, agi, *midcall))
+        else:
+            asyncio.run(run_agi(settings, agi, args.purpose))
     except PromptError as error:
         log.error("consent.prompt_missing", error=str(error))
         return 1

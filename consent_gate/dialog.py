@@ -101,6 +101,7 @@ class DialogResult:
     confirmation: PromptRef | None
     record_legs: bool = False
     caller_records: bool = False
+    purpose: str = ""
 
     def channel_variables(self) -> dict[str, str]:
         """What the dialplan reads after the dialog, in the order to set them: status last,
@@ -112,6 +113,7 @@ class DialogResult:
             "CONSENT_RECORD_LEGS": "1" if self.record_legs and self.recording_id else "",
             "CONSENT_CONFIRMATION": self.confirmation.media if self.confirmation else "",
             "CONSENT_CALLER_RECORDS": "1" if self.caller_records else "",
+            "CONSENT_PURPOSE": self.purpose,
             "CONSENT_STATUS": str(self.status),
         }
 
@@ -288,4 +290,5 @@ async def _store(
     ):
         confirmation = gate.prompt(state.language, "declined")
     return DialogResult(decision, str(state.consent_id), recording_id, confirmation,
-                        record_legs=purpose.training_copy, caller_records=state.caller_records)
+                        record_legs=purpose.training_copy, caller_records=state.caller_records,
+                        purpose=purpose.name)

@@ -205,3 +205,31 @@ async def test_pause_resumes_by_itself_after_the_limit(
         await gate.stop()
         gate.config_path = None
         await gate.start()
+
+
+# -- AGI mode: the same codes through features.conf (dialplan/consent-gate-features.conf) ---
+
+async def test_agi_mode_withdrawal_and_pause_through_features(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
+    speech_wav: Path, test_tag: str,
+) -> None:
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten="300", key="1")
+    assert call.result.status == "granted"
+    await call.caller.play_wav(speech_wav)
+    await call.agent.send_dtmf("*5")
+    paused = await wait_for_event(pg_dsn, call.result.consent_id, "paused")
+    await call.caller.play_wav(speech_wav)
+    await call.agent.send_dtmf("*6")
+    resumed = await wait_for_event(pg_dsn, call.result.consent_id, "resumed")
+    assert paused["source"] == resumed["source"] == "agi"
+    await call.caller.play_wav(speech_wav)
+    await call.caller.send_dtmf("*0")
+    withdrawn = await wait_for_event(pg_dsn, call.result.consent_id, "withdrawn")
+    start, end = await hear_window(call.caller, 3.0)
+    assert level(call.caller, start, end) > HEARD_DBFS, "the caller heard the confirmation"
+    await finish(call)
+    await asyncio_log_end(asterisk_log)
+    assert not recording_set(call.result.recording_id) & recording_files(asterisk)
+    assert [e["event"] for e in await ledger_events(pg_dsn, call.result.consent_id)] == [
+        "granted", "paused", "resumed", "withdrawn"]
+    assert withdrawn["source"] == "agi"
