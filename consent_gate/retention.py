@@ -54,7 +54,9 @@ GROUP_LOCK_NS = 724167
 RECORDING_LOCK_NS = 724168
 
 RECORDING_ID = re.compile(r"^[0-9a-f]{32}\Z")
-_RECORDING_FILE = re.compile(r"^([0-9a-f]{32})(-[a-z]{1,16})?\.[a-z0-9]{1,8}\Z")
+# What MixMonitor writes for one id (dialplan/consent-gate.conf): the mix, and for purposes with
+# training copies the caller and agent legs.
+RECORDING_FILE_SUFFIXES = (".wav", "-caller.wav", "-agent.wav")
 _CALLER_REF = re.compile(r"^[0-9a-f]{64}\Z")
 
 
@@ -76,20 +78,21 @@ def check_recording_id(recording_id: str) -> str:
 
 
 def recording_files(directory: Path, recording_id: str) -> list[Path]:
-    """All files of one recording: ``<id>.wav`` and its legs (``<id>-caller.wav``, ...).
+    """All files of one recording that exist: ``<id>.wav`` and its legs (``<id>-caller.wav``,
+    ``<id>-agent.wav``), as the shipped dialplan names them.
 
-    Directory entries are matched against a strict pattern; nothing is built from caller data.
+    Names are built from the validated id and fixed suffixes only (nothing from caller data),
+    and looked up one by one, so the cost does not grow with the size of the directory.
     """
     check_recording_id(recording_id)
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
     found = []
-    for name in names:
-        match = _RECORDING_FILE.match(name)
-        if match and match.group(1) == recording_id:
-            found.append(directory / name)
+    for suffix in RECORDING_FILE_SUFFIXES:
+        path = Path(directory) / f"{recording_id}{suffix}"
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            continue
+        found.append(path)
     return sorted(found)
 
 
