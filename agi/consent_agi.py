@@ -31,7 +31,8 @@ from consent_gate.dialog import (
     DialogState,
     GateContext,
     PromptRef,
-    run_consent_dialog,
+    parse_purposes,
+    run_gate,
 )
 from consent_gate.dialog import pick_language
 from consent_gate.events import Decision, utcnow
@@ -85,8 +86,8 @@ class AgiPort:
 async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision | None:
     port = AgiPort(agi)
     env = agi.env
-    purpose = settings.purpose(purpose_name)
-    if purpose is None:
+    purposes = parse_purposes(purpose_name, settings)
+    if not purposes:
         log.warning("consent.unknown_purpose")
         return None  # CONSENT_STATUS stays "unavailable" (set by the dialplan before AGI)
     call = CallInfo(
@@ -102,7 +103,7 @@ async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision |
     try:
         gate = GateContext(settings, catalog, ledger)
         await port._call(agi.answer)
-        result = await run_consent_dialog(port, call, purpose, gate, DialogState())
+        result = await run_gate(port, call, purposes, gate, DialogState())
         if result.status is not Decision.ABANDONED:
             await port.set_result(result)
         return result.status
@@ -133,7 +134,7 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
     async def var(name: str) -> str:
         return str(await port._call(agi.get_variable, name) or "")
 
-    purpose = settings.purpose(await var("CONSENT_PURPOSE"))
+    purpose = settings.purpose((await var("CONSENT_PURPOSE")).split("+")[0])
     consent_id = await var("CONSENT_ID")
     if purpose is None or not consent_id:
         return False

@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from consent_gate.dialog import CallInfo, DialogResult, GateContext
+from consent_gate.dialog import CallInfo, DialogResult, GateContext, parse_purposes
 from consent_gate.events import Decision
 from consent_gate.midcall import MidCallState
 
@@ -88,7 +88,7 @@ class ConsentGateApp:
         )
         session = CallSession(
             client=self.client, gate=self.gate, channel_id=channel_id, call=call,
-            purpose=self.gate.settings.purpose(purpose_name),
+            purposes=parse_purposes(purpose_name, self.gate.settings),
             channel_name=str(channel.get("name") or ""), on_released=self._watch_call,
         )
         self.sessions[channel_id] = session
@@ -106,10 +106,11 @@ class ConsentGateApp:
 
     def _watch_call(self, session: CallSession, result: DialogResult) -> None:
         """The rest of the call: withdrawal, caller-records notice, secure pause, agent notices."""
-        if session.purpose is None or result.status is Decision.ABANDONED:
+        purpose = self.gate.settings.purpose(result.purpose)
+        if purpose is None or result.status is Decision.ABANDONED:
             return
         state = MidCallState(
-            call=session.call, purpose=session.purpose, consent_id=result.consent_id,
+            call=session.call, purpose=purpose, consent_id=result.consent_id,
             language=session.state.language, recording_id=result.recording_id,
             caller_records=result.caller_records,
         )

@@ -27,7 +27,7 @@ from consent_gate.dialog import (
     DialogState,
     GateContext,
     PromptRef,
-    run_consent_dialog,
+    run_gate,
 )
 from consent_gate.events import Decision
 
@@ -51,7 +51,7 @@ class CallSession:
     gate: GateContext
     channel_id: str
     call: CallInfo
-    purpose: Purpose | None
+    purposes: list[Purpose] | None
     source: str = "ari"
     channel_name: str = ""
     # Called once the channel is back in the dialplan with a decision (the app starts the
@@ -126,11 +126,11 @@ class CallSession:
     async def run(self) -> None:
         bound = log.bind(call_id=self.call.call_id, channel=self.channel_id)
         try:
-            if self.purpose is None:
+            if not self.purposes:
                 bound.warning("consent.unknown_purpose")
                 return
             await self.client.answer(self.channel_id)
-            self.result = await run_consent_dialog(self, self.call, self.purpose, self.gate, self.state)
+            self.result = await run_gate(self, self.call, self.purposes, self.gate, self.state)
             if self.result.status is not Decision.ABANDONED:
                 await self._hand_back(self.result)
         except (CallerHungUp, ChannelGone):

@@ -55,6 +55,19 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
 
 
+def _optional_module(name: str) -> Any:
+    """Subcommand modules whose extra dependencies (numpy for the anonymiser) may be absent."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"consent_gate.{name}")
+    except ModuleNotFoundError as error:
+        if error.name and error.name.startswith("consent_gate"):
+            return None
+        print(f"consent-gate: {name} commands unavailable ({error.name} not installed)", file=sys.stderr)
+        return None
+
+
 def _journal(args: argparse.Namespace) -> int:
     journal = Journal(args.dir)
     if args.journal_command == "show":
@@ -99,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--dsn", help="PostgreSQL DSN (default $CONSENT_GATE_DSN)")
 
     prompts.register_cli(sub)
+    # Retention, legal hold, data-subject requests, the subject API and training copies each
+    # bring their own subcommands (they set args.func).
+    for module_name in ("retention", "subject", "api", "anonymise", "training"):
+        module = _optional_module(module_name)
+        if module is not None and hasattr(module, "register_cli"):
+            module.register_cli(sub)
     args = parser.parse_args(argv)
     match args.command:
         case "db":

@@ -89,6 +89,8 @@ class DialogState:
     decision: Decision | None = None
     failure: str | None = None
     caller_records: bool = False
+    # Several purposes in one call share one recording (and one CONSENT_ID).
+    planned_recording_id: str | None = None
     recording_id: str | None = None
     durability: Durability | None = None
 
@@ -101,7 +103,8 @@ class DialogResult:
     confirmation: PromptRef | None
     record_legs: bool = False
     caller_records: bool = False
-    purpose: str = ""
+    purpose: str = ""  # the primary purpose (mid-call events are logged under it)
+    purposes: list[str] = field(default_factory=list)  # every purpose the recording is kept for
 
     def channel_variables(self) -> dict[str, str]:
         """What the dialplan reads after the dialog, in the order to set them: status last,
@@ -114,6 +117,7 @@ class DialogResult:
             "CONSENT_CONFIRMATION": self.confirmation.media if self.confirmation else "",
             "CONSENT_CALLER_RECORDS": "1" if self.caller_records else "",
             "CONSENT_PURPOSE": self.purpose,
+            "CONSENT_PURPOSES": ",".join(self.purposes or ([self.purpose] if self.recording_id else [])),
             "CONSENT_STATUS": str(self.status),
         }
 
@@ -154,7 +158,21 @@ async def run_consent_dialog(
     state.language = pick_language(call.language, gate.prompts.languages, settings.default_language)
     log_call = log.bind(call_id=call.call_id, consent_id=str(state.consent_id), purpose=purpose.name)
 
-    if gate.ledger.degraded and not settings.record_when_journaled:
+    if not purpose.asks_consent:
+        # Legal obligation (e.g. MiFID II) or legitimate interest: inform, do not ask.
+        notice = gate.prompt(state.language, purpose.prompt)
+        state.prompt_version = notice.version
+        state.prompt_started_at = gate.clock()
+        try:
+            await port.play(notice, stop_keys="")
+            state.decision = Decision.NOTIFIED
+        except CallerHungUp:
+            state.decision = Decision.ABANDONED
+        except Exception as error:
+            state.decision = Decision.UNAVAILABLE
+            state.failure = f"{type(error).__name__}: {error}"[:200]
+        state.decided_at = gate.clock()
+    elif gate.ledger.degraded and not settings.record_when_journaled:
         # The ledger cannot store a grant right now: asking would be a question we cannot honour.
         state.decision = Decision.UNAVAILABLE
     else:
@@ -257,8 +275,8 @@ async def _store(
     """Write the decision; only a durably stored grant may record."""
     settings = gate.settings
     decision = state.decision or Decision.UNAVAILABLE
-    wants_recording = decision is Decision.GRANTED
-    recording_id = new_recording_id() if wants_recording else None
+    wants_recording = decision in (Decision.GRANTED, Decision.NOTIFIED)
+    recording_id = (state.planned_recording_id or new_recording_id()) if wants_recording else None
 
     def event(kind: EventKind, recording: str | None, **detail: object) -> ConsentEvent:
         return event_for(
@@ -269,7 +287,12 @@ async def _store(
                     **({"failure": state.failure} if state.failure else {}), **detail},
         )
 
-    if wants_recording and not settings.record_when_journaled:
+    if decision is Decision.NOTIFIED:
+        # Recording by law: the journal is a durable record of the notice too.
+        state.durability = await gate.ledger.append(event(EventKind.NOTIFIED, recording_id))
+        if state.durability is Durability.LOST:
+            decision, recording_id = Decision.UNAVAILABLE, None
+    elif wants_recording and not settings.record_when_journaled:
         # A grant counts only once it is in the database; if it is not, nothing is recorded and
         # the journal gets the truth: the caller pressed the key, the gate was unavailable.
         state.durability = await gate.ledger.append(event(EventKind.GRANTED, recording_id), use_journal=False)
@@ -292,3 +315,54 @@ async def _store(
     return DialogResult(decision, str(state.consent_id), recording_id, confirmation,
                         record_legs=purpose.training_copy, caller_records=state.caller_records,
                         purpose=purpose.name)
+
+
+# A call's combined status when it asked for several purposes: the most "recorded" one wins.
+_STATUS_ORDER = (Decision.GRANTED, Decision.NOTIFIED, Decision.DECLINED, Decision.NO_INPUT,
+                 Decision.UNAVAILABLE, Decision.ABANDONED)
+MAX_PURPOSES = 4
+
+
+def parse_purposes(argument: str, settings: Settings) -> list[Purpose] | None:
+    """'training' or 'documentation+training' (granular consent: one question per purpose)."""
+    names = argument.split("+")
+    if not 1 <= len(names) <= MAX_PURPOSES or len(set(names)) != len(names):
+        return None
+    purposes = [settings.purpose(name) for name in names]
+    return None if any(p is None for p in purposes) else purposes  # type: ignore[return-value]
+
+
+async def run_gate(
+    port: DialogPort, call: CallInfo, purposes: list[Purpose], gate: GateContext,
+    first_state: DialogState | None = None,
+) -> DialogResult:
+    """Ask for each purpose in turn (each its own keypress; a "no" to one does not block another).
+    One CONSENT_ID and one recording for the call; it is kept only for the purposes granted."""
+    first_state = first_state or DialogState()
+    if len(purposes) == 1:
+        return await run_consent_dialog(port, call, purposes[0], gate, first_state)
+    planned = new_recording_id()
+    first_state.planned_recording_id = planned
+    results: list[tuple[Purpose, DialogResult]] = []
+    state = first_state
+    for index, purpose in enumerate(purposes):
+        if index:
+            state = DialogState(consent_id=first_state.consent_id, planned_recording_id=planned,
+                                caller_records=state.caller_records)
+        result = await run_consent_dialog(port, call, purpose, gate, state)
+        if result.status is Decision.ABANDONED:
+            return result
+        results.append((purpose, result))
+    recorded = [p for p, r in results if r.recording_id]
+    status = min((r.status for _, r in results), key=_STATUS_ORDER.index)
+    asked_and_granted = any(r.status is Decision.GRANTED for _, r in results)
+    confirmation = next((r.confirmation for _, r in results if r.status is Decision.GRANTED), None)
+    if not asked_and_granted and status is not Decision.NOTIFIED:
+        confirmation = next((r.confirmation for _, r in results if r.confirmation), None)
+    return DialogResult(
+        status, str(first_state.consent_id), planned if recorded else None, confirmation,
+        record_legs=any(p.training_copy for p in recorded),
+        caller_records=any(r.caller_records for _, r in results),
+        purpose=(recorded or purposes)[0].name,
+        purposes=[p.name for p in recorded],
+    )

@@ -19,6 +19,9 @@ class Decision(StrEnum):
     DECLINED = "declined"
     NO_INPUT = "no-input"
     UNAVAILABLE = "unavailable"
+    # A purpose whose legal basis is not consent (legal obligation, legitimate interest): the
+    # caller is told, nothing is asked, and the recording runs once the notice is stored.
+    NOTIFIED = "notified"
     ABANDONED = "abandoned"  # the caller hung up during the dialog (no status: the call is gone)
 
 

@@ -20,6 +20,26 @@ import aiohttp
 
 from .sandbox import AsteriskSandbox
 
+# The purpose catalogue the sandbox service runs with: the shipped defaults plus a purpose
+# recorded by law (MiFID II securities orders) for the legal-obligation tests.
+SANDBOX_PURPOSES = """
+[purposes.training]
+legal_basis = "consent"
+prompt = "question-training"
+retention_days = 90
+training_copy = true
+
+[purposes.documentation]
+legal_basis = "consent"
+prompt = "question-documentation"
+retention_days = 365
+
+[purposes.securities]
+legal_basis = "legal-obligation"
+prompt = "notice-legal-obligation"
+retention_days = 1825
+"""
+
 RESULT_LINE = re.compile(
     r"consent-result: test=(?P<tag>[A-Za-z0-9-]*) status=(?P<status>[a-z-]*) "
     r"id=(?P<consent_id>[0-9a-f-]*) recording=(?P<recording_id>[0-9a-f]*)"
@@ -106,11 +126,13 @@ class GateService:
         if self.running:
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        # The AGI script (run by Asterisk) shares the ledger and the caller-pseudonym key.
-        self.sandbox.write_gate_config(self.dsn, self.hmac_key)
-        args = [sys.executable, "-m", "ari_app.main"]
-        if self.config_path is not None:
-            args += ["--config", str(self.config_path)]
+        # The AGI script (run by Asterisk) shares the ledger, the purposes and the pseudonym key.
+        self.sandbox.write_gate_config(self.dsn, self.hmac_key, SANDBOX_PURPOSES)
+        config = self.config_path
+        if config is None:
+            config = self.work_dir / "consent-gate.toml"
+            config.write_text(SANDBOX_PURPOSES)
+        args = [sys.executable, "-m", "ari_app.main", "--config", str(config)]
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(args, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)

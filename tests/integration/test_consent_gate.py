@@ -69,7 +69,7 @@ async def run_gate_call(
     phones: Phones, log: AsteriskLog, tag: str, *, line: Line | None = None, exten: str = "200",
     key: str | None = None, key_after_prompt: float = 1.0, prompt: str = "question-training",
     headers: dict[str, str] | None = None, caller_name: str | None = None, result_timeout: float = 20,
-    answered_by_gate: bool = True,
+    answered_by_gate: bool = True, answers: list[tuple[str, str]] | None = None,
 ) -> GateCall:
     """Dial the gate, press ``key`` ``key_after_prompt`` s into the question, answer as agent.
 
@@ -81,10 +81,11 @@ async def run_gate_call(
     if answered_by_gate:
         await call.wait_answered(10)
     keyed_at = None
-    if key is not None:
-        await log.wait_for(rf"Playing '[^']*/{prompt}\.", 10)
+    # One (prompt, key) per question: several for granular consent.
+    for answer_prompt, answer_key in answers or ([(prompt, key)] if key is not None else []):
+        await log.wait_for(rf"Playing '[^']*/{answer_prompt}\.", 40)
         await _pause(key_after_prompt)
-        await call.send_dtmf(key)
+        await call.send_dtmf(answer_key)
         keyed_at = time.monotonic()
     result = await log.gate_result(tag, result_timeout)
     agent_call = await phones.agent.wait_incoming(20)
