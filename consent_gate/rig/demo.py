@@ -39,11 +39,17 @@ def make_speech(directory: Path) -> Path:
     return out
 
 
-async def place_call(phone_line, agent_line, sandbox: AsteriskSandbox, key: str, tag: str, speech: Path) -> dict:
+async def place_call(phone_line, agent_line, sandbox: AsteriskSandbox, key: str, tag: str, speech: Path,
+                     *, first_key: str | None = None, midcall: str | None = None) -> dict:
     log = AsteriskLog(sandbox.full_log)
     call = await phone_line.call(f"sip:200@{sandbox.sip_domain}", headers={"X-Test-Call": tag})
     await call.wait_answered(10)
     await log.wait_for(r"Playing '[^']*/question-training\.", 10)
+    if first_key:
+        print(f"   caller presses {first_key}: they record the call themselves; the question is asked again")
+        await asyncio.sleep(2)
+        await call.send_dtmf(first_key)
+        await log.wait_for(r"(?s)caller-records-ack.*Playing '[^']*/question-training\.", 20)
     print(f"   caller hears the consent question, presses {key} after 3 s")
     await asyncio.sleep(3)  # a person listening before pressing
     await call.send_dtmf(key)
@@ -51,8 +57,13 @@ async def place_call(phone_line, agent_line, sandbox: AsteriskSandbox, key: str,
     print(f"   gate returned CONSENT_STATUS={result.status} CONSENT_ID={result.consent_id}")
     agent = await agent_line.wait_incoming(20)
     await agent.answer()
-    print("   agent answered; caller speaks")
+    print("   agent answered and hears how the call is handled; caller speaks")
+    await call.play_silence(3.5)
     await call.play_wav(speech)
+    if midcall:
+        print(f"   caller presses {midcall} mid-call: consent withdrawn, recording stopped and deleted")
+        await call.send_dtmf(midcall)
+        await call.play_silence(4.0)
     await call.hangup()
     await agent.wait_hangup(10)
     heard = audio.rms_dbfs(agent.heard_segment(0.3, 2.5))
@@ -86,14 +97,21 @@ async def run_demo(keep: bool) -> int:
                 first = await place_call(caller, agent, sandbox, "1", "demo-consent", speech)
                 say("Call 2: the caller declines (key 2)")
                 second = await place_call(caller, agent, sandbox, "2", "demo-decline", speech)
+                say("Call 3: the caller consents, then withdraws mid-call (*0)")
+                third = await place_call(caller, agent, sandbox, "1", "demo-withdraw", speech, midcall="*0")
+                say("Call 4: the caller says they record too (3), then declines (2)")
+                fourth = await place_call(caller, agent, sandbox, "2", "demo-reciprocal", speech, first_key="3")
         await asyncio.sleep(0.5)  # MixMonitor closes the file as the channel goes away
         say("Recordings (file names are opaque ids; mode 0600 in a 0700 directory)")
+        calls = (first, second, third, fourth)
         for path in sorted(sandbox.recordings_dir.glob("*.wav")):
-            if path.stem in (first["recording_id"], second["recording_id"]):
+            if any(c["recording_id"] and path.name.startswith(c["recording_id"]) for c in calls):
                 print(f"   {path.name}  {oct(path.stat().st_mode & 0o777)}  {audio.duration(path):.1f} s")
         print(f"   declined call recorded: {'yes' if second['recording_id'] else 'no'}")
+        withdrawn_left = list(sandbox.recordings_dir.glob(f"{third['recording_id']}*"))
+        print(f"   withdrawn call's files left: {len(withdrawn_left)}")
         say("Ledger (consent-gate history)")
-        for result in (first, second):
+        for result in calls:
             _print_rows(await _history(pg.dsn, None, result["consent_id"]), as_json=False)
         say(f"Demo finished in {time.monotonic() - started:.0f} s")
         return 0
