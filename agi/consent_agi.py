@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import os
 import sys
@@ -41,6 +40,7 @@ from consent_gate.journal import Journal
 from consent_gate.ledger import Ledger
 from consent_gate.logging import configure_logging
 from consent_gate.prompts import PromptCatalog, PromptError
+from consent_gate.retention import RECORDING_FILE_SUFFIXES, delete_recording_files, recording_files
 
 log = structlog.get_logger(__name__)
 
@@ -160,20 +160,18 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
     await ledger.start()
     try:
         gate = GateContext(settings, catalog, ledger)
-        files = recording_files(settings.recordings_dir, state.recording_id or "")
         if plan.stop_recording or plan.mute:
             # Dialplan has no "mute MixMonitor": a pause stops it, a resume appends to the same files.
             await port._call(agi.appexec, "StopMixMonitor", "")
-        if plan.mute is False:
+        if plan.mute is False and state.recording_id:
+            mix, caller_leg, agent_leg = (settings.recordings_dir / f"{state.recording_id}{suffix}"
+                                          for suffix in RECORDING_FILE_SUFFIXES)
             legs = await var("CONSENT_RECORD_LEGS") == "1"
-            options = f"r({files[1]})t({files[2]})a" if legs else "a"
-            await port._call(agi.appexec, "MixMonitor", f"{files[0]},{options}")
+            options = f"r({caller_leg})t({agent_leg})a" if legs else "a"
+            await port._call(agi.appexec, "MixMonitor", f"{mix},{options}")
         deleted = 0
-        if plan.delete_recording:
-            for path in files:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    deleted += 1
+        if plan.delete_recording and state.recording_id:
+            deleted = len(delete_recording_files(recording_files(settings.recordings_dir, state.recording_id)))
         if plan.ledger_event is not None:
             detail = dict(plan.detail, **({"deleted_files": deleted} if plan.delete_recording else {}))
             await ledger.append(state.event(gate, plan.ledger_event, "agi", **detail))
@@ -188,13 +186,6 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
         return True
     finally:
         await ledger.close()
-
-
-def recording_files(directory: Path, recording_id: str) -> list[Path]:
-    """Mix, caller leg, agent leg: names from the opaque id only."""
-    if len(recording_id) != 32 or not all(c in "0123456789abcdef" for c in recording_id):
-        return []
-    return [directory / f"{recording_id}{suffix}.wav" for suffix in ("", "-caller", "-agent")]
 
 
 def main(argv: list[str] | None = None) -> int:

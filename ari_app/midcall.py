@@ -30,6 +30,7 @@ from consent_gate.dialog import GateContext
 from consent_gate.events import utcnow
 from consent_gate.midcall import Action, CodeMatcher, MidCallState, Plan, Role
 from consent_gate.prompts import PromptError
+from consent_gate.retention import delete_recording_files, recording_files
 
 from .ami import AmiClient, AmiError
 from .transport import AriClient, AriError
@@ -175,16 +176,11 @@ class CallWatch:
 
     def _delete_recording(self) -> list[str]:
         """Withdrawn means gone: the mix and any legs.  Names are built from the opaque id only."""
-        recording_id = self.state.recording_id or ""
-        if len(recording_id) != 32 or not all(c in "0123456789abcdef" for c in recording_id):
+        try:
+            files = recording_files(self.gate.settings.recordings_dir, self.state.recording_id or "")
+        except ValueError:
             return []
-        deleted = []
-        for suffix in ("", "-caller", "-agent"):
-            path = self.gate.settings.recordings_dir / f"{recording_id}{suffix}.wav"
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                deleted.append(path.name)
-        return deleted
+        return delete_recording_files(files)
 
     def _whisper_later(self, channel_id: str, prompt_name: str) -> None:
         """Notices run in their own tasks so a long prompt does not delay the next key."""

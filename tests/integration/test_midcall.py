@@ -11,7 +11,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from consent_gate.rig import audio
