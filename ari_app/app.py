@@ -13,6 +13,7 @@ from consent_gate.dialog import CallInfo, DialogResult, GateContext, parse_purpo
 from consent_gate.events import Decision
 from consent_gate.midcall import MidCallState
 
+from . import metrics
 from .ami import AmiClient
 from .call import CallSession
 from .midcall import SNOOP_ARG, CallWatch
@@ -48,9 +49,11 @@ class ConsentGateApp:
         match kind:
             case "TransportConnected":
                 self.connected.set()
+                metrics.ari_connected()
                 await self._release_orphans()
             case "TransportDisconnected":
                 self.connected.clear()
+                metrics.ari_disconnected()
                 # A PlaybackFinished or DTMF may have been lost: every open dialog fails closed.
                 for session in list(self.sessions.values()):
                     session.deliver(event)

@@ -31,6 +31,7 @@ from consent_gate.dialog import (
 )
 from consent_gate.events import Decision
 
+from . import metrics
 from .transport import AriClient, AriError, ChannelGone
 
 log = structlog.get_logger(__name__)
@@ -143,6 +144,7 @@ class CallSession:
         finally:
             if not self.released:
                 await self._release_unavailable()
+            metrics.observe_call(self)
 
     async def _hand_back(self, result: DialogResult) -> None:
         """Set the result variables (status last: it is what the dialplan acts on) and continue."""

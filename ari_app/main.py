@@ -26,6 +26,7 @@ from consent_gate.ledger import Ledger
 from consent_gate.logging import configure_logging
 from consent_gate.prompts import PromptCatalog, PromptError
 
+from . import metrics
 from .app import ConsentGateApp
 from .ami import AmiClient, AmiConfig
 from .transport import AriClient, AriConfig
@@ -52,6 +53,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         ami = AmiClient(AmiConfig(settings.ami_host, settings.ami_port, settings.ami_user, settings.ami_secret or ""))
         async with AriClient(ari) as client:
             app = ConsentGateApp(client, GateContext(settings, catalog, ledger), ami=ami)
+            exporter = await metrics.start_exporter(app, ledger)
             runner = asyncio.create_task(app.run(), name="ari-app")
             log.info("consent_gate.started", ari=settings.ari_url, app=settings.ari_app,
                      purposes=sorted(settings.purposes))
@@ -62,6 +64,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
+            await exporter.close()
     finally:
         await ami.close()
         await ledger.close()
