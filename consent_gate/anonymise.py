@@ -55,6 +55,8 @@ __all__ = [
     "anonymise",
     "anonymise_file",
     "draw_parameters",
+    "dtmf_frames",
+    "silence_dtmf",
     "lpc",
     "mcadams",
     "pitch_shift",
@@ -67,6 +69,8 @@ SAMPLE_RATE = 8000
 FIXED_POINT_RAD = 1.0
 #: McAdams coefficient range drawn from per recording (chosen from bench/anonymisation).
 DEFAULT_COEFFICIENT_RANGE: tuple[float, float] = (0.60, 0.80)
+#: Whether alpha is replaced by 1/alpha with probability 1/2 (see AnonymiserSettings).
+DEFAULT_BIDIRECTIONAL = False
 #: Magnitude range of the optional random pitch shift, in semitones (the sign is random too).
 DEFAULT_PITCH_SEMITONES: tuple[float, float] = (2.0, 4.0)
 _EPS = 1e-10
@@ -88,13 +92,16 @@ class AnonymiserSettings:
     """How the caller's voice is changed.
 
     ``coefficient_range``: McAdams ``alpha`` is drawn uniformly from it per recording;
-    ``coefficient`` fixes it instead (benchmarks, audits; never the default: a fixed, known
+    ``bidirectional``: with probability 1/2 the reciprocal ``1/alpha`` is used instead, which
+    spreads the formants away from 1 rad rather than squeezing them towards it (so even the
+    direction of the change is secret).  ``coefficient`` fixes it instead (benchmarks, audits; never the default: a fixed, known
     coefficient makes the transform easier to learn).  ``pitch_semitones``: ``None`` for no
     pitch shift, else the magnitude range in semitones (random sign).
     """
 
     coefficient_range: tuple[float, float] = DEFAULT_COEFFICIENT_RANGE
     coefficient: float | None = None
+    bidirectional: bool = DEFAULT_BIDIRECTIONAL
     pitch_semitones: tuple[float, float] | None = None
     lpc_order: int = 12
     frame_ms: float = 20.0  # analysis frame; the hop is half of it
@@ -122,8 +129,12 @@ def _system_random() -> RandomSource:
 def draw_parameters(settings: AnonymiserSettings, rng: RandomSource | None = None) -> tuple[float, float]:
     """``(alpha, pitch_factor)`` for one recording.  Callers must not keep them."""
     rng = rng or _system_random()
-    alpha = settings.coefficient if settings.coefficient is not None else float(
-        rng.uniform(*settings.coefficient_range))
+    if settings.coefficient is not None:
+        alpha = settings.coefficient
+    else:
+        alpha = float(rng.uniform(*settings.coefficient_range))
+        if settings.bidirectional and rng.random() < 0.5:
+            alpha = 1.0 / alpha
     factor = 1.0
     if settings.pitch_semitones is not None:
         semitones = float(rng.uniform(*settings.pitch_semitones))
@@ -275,6 +286,66 @@ def pitch_shift(samples: np.ndarray, factor: float, rate: int) -> np.ndarray:
     if len(y) < len(x):
         y = np.concatenate((y, np.zeros(len(x) - len(y))))
     return y[: len(x)]
+
+
+# -- DTMF: no card or account digits survive as tones -----------------------------------------
+
+DTMF_LOW = (697.0, 770.0, 852.0, 941.0)
+DTMF_HIGH = (1209.0, 1336.0, 1477.0, 1633.0)
+
+
+def dtmf_frames(samples: np.ndarray, rate: int = SAMPLE_RATE, *, frame_ms: float = 20.0) -> np.ndarray:
+    """Boolean per ``frame_ms`` frame: does it hold a DTMF tone pair?
+
+    A frame counts when one low-group and one high-group frequency together carry at least 90 %
+    of its energy, neither is more than 10 dB below the other (twist) and the frame is louder
+    than -45 dBFS.  Speech almost never meets this; DTMF always does.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    size = max(1, int(round(rate * frame_ms / 1000)))
+    count = len(x) // size
+    if count == 0:
+        return np.zeros(0, dtype=bool)
+    frames = x[: count * size].reshape(count, size) * np.hanning(size)
+    t = np.arange(size) / rate
+    freqs = np.array(DTMF_LOW + DTMF_HIGH)
+    basis = np.exp(-2j * np.pi * freqs[:, None] * t[None, :])
+    window = np.hanning(size)
+    # Energy of a tone in the windowed frame from its DFT value: |X|^2 * 2 * sum(w^2) / sum(w)^2.
+    tones = np.abs(frames @ basis.T) ** 2 * 2 * np.sum(window ** 2) / np.sum(window) ** 2
+    low, high = tones[:, :4], tones[:, 4:]
+    best_low, best_high = low.max(axis=1), high.max(axis=1)
+    energy = np.sum(frames ** 2, axis=1)
+    loud = energy / np.sum(window ** 2) > (32768 * 10 ** (-45 / 20)) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = (best_low + best_high) / np.maximum(energy, 1e-9)
+        twist = np.abs(10 * np.log10(np.maximum(best_low, 1e-9) / np.maximum(best_high, 1e-9)))
+    return loud & (share >= 0.9) & (twist <= 10.0)
+
+
+def silence_dtmf(samples: np.ndarray, rate: int = SAMPLE_RATE, *, pad_ms: float = 40.0) -> tuple[np.ndarray, int]:
+    """Zero every DTMF tone (two or more consecutive 20 ms frames) plus ``pad_ms`` around it.
+
+    Returns ``(samples, number of silenced spans)``; the input is not modified.
+    """
+    out = np.array(samples, copy=True)
+    size = int(round(rate * 0.020))
+    flags = dtmf_frames(out, rate)
+    pad = int(round(rate * pad_ms / 1000))
+    spans = 0
+    k = 0
+    while k < len(flags):
+        if not flags[k]:
+            k += 1
+            continue
+        end = k
+        while end < len(flags) and flags[end]:
+            end += 1
+        if end - k >= 2:
+            out[max(0, k * size - pad): min(len(out), end * size + pad)] = 0
+            spans += 1
+        k = end
+    return out, spans
 
 
 # -- public entry points ----------------------------------------------------------------------

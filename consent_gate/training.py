@@ -11,7 +11,8 @@ into one copy:
 * ``copy_id`` is 32 random hex digits, unrelated to the recording id; the file holds only the
   RIFF ``fmt``/``data`` chunks; its modification time is set to the first day of the month
   (the copy's coarse ``period``); its length gets 0..``pad_max_seconds`` of random trailing
-  silence, so it does not equal the call's length;
+  silence, so it does not equal the call's length; in-band DTMF tones in the caller's leg
+  (card or account digits keyed by the caller) are silenced before anonymisation;
 * the index row (``training_copies``) has the id, the period, the purpose, what was done to
   each leg and the deletion date; the link to the recording is ``training_copy_links``, the
   only place that joins the two;
@@ -81,6 +82,7 @@ class TrainingSettings:
     anonymise_agent: bool = False
     pad_max_seconds: float = 3.0
     settle_seconds: float = 2.0  # a leg untouched this long (and with a closed header) is complete
+    silence_dtmf: bool = True  # keyed digits (in-band DTMF in the caller's leg) become silence
 
     @property
     def caller_leg(self) -> str:
@@ -168,6 +170,8 @@ def write_copy(files: RecordingFiles, copies_dir: Path, period: str,
     agent_rate, agent = an.read_wav_mono(files.agent)
     if caller_rate != an.SAMPLE_RATE or agent_rate != an.SAMPLE_RATE:
         raise an.AudioFormatError(f"legs at {caller_rate}/{agent_rate} Hz; {an.SAMPLE_RATE} Hz expected")
+    if settings.silence_dtmf:
+        caller, _ = an.silence_dtmf(caller, caller_rate)
     caller_copy = an.anonymise(caller, caller_rate, settings.anonymiser, rng)
     agent_copy = an.anonymise(agent, agent_rate, settings.anonymiser, rng) if settings.anonymise_agent else agent
     source = rng or secrets.SystemRandom()

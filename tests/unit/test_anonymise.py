@@ -417,3 +417,28 @@ def test_cli_anonymise(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     an.write_wav(tmp_path / "wide.wav", [vowel()], rate=16000)
     assert training.main(["anonymise", str(tmp_path / "wide.wav"), str(tmp_path / "x.wav")]) == 2
     assert "8000 Hz" in capsys.readouterr().out
+
+
+def dtmf(digit: str, seconds: float = 0.08) -> np.ndarray:
+    keys = {"1": (697, 1209), "5": (770, 1336), "9": (852, 1477), "0": (941, 1336), "#": (941, 1477)}
+    low, high = keys[digit]
+    t = np.arange(int(seconds * RATE)) / RATE
+    return np.round(6000 * (np.sin(2 * np.pi * low * t) + 0.8 * np.sin(2 * np.pi * high * t))).astype(np.int16)
+
+
+def test_dtmf_tones_are_silenced_and_speech_is_not() -> None:
+    speech = vowel(seconds=3.0, seed=9)
+    gap = np.zeros(int(0.07 * RATE), np.int16)
+    keyed = np.concatenate([speech[:RATE]] + [np.concatenate((dtmf(d), gap)) for d in "4519"[1:] + "0#"]
+                           + [speech[RATE:]])
+    cleaned, spans = an.silence_dtmf(keyed, RATE)
+    assert spans == 5
+    start, end = RATE, RATE + 5 * (len(dtmf("1")) + len(gap))
+    flags = an.dtmf_frames(cleaned, RATE)
+    assert not (flags[1:] & flags[:-1]).any(), "no tone of 40 ms or more is left"
+    assert rms(cleaned[start:end]) < 50, "the tones are gone"
+    assert np.array_equal(cleaned[: start - 400], keyed[: start - 400]), "speech before is untouched"
+    untouched, none = an.silence_dtmf(speech, RATE)
+    assert none == 0 and np.array_equal(untouched, speech)
+    for f0 in range(80, 300, 10):
+        assert an.silence_dtmf(vowel(f0=f0, seed=f0), RATE)[1] == 0
