@@ -68,11 +68,11 @@ __all__ = [
 SAMPLE_RATE = 8000
 FIXED_POINT_RAD = 1.0
 #: McAdams coefficient range drawn from per recording (chosen from bench/anonymisation).
-DEFAULT_COEFFICIENT_RANGE: tuple[float, float] = (0.60, 0.80)
+DEFAULT_COEFFICIENT_RANGE: tuple[float, float] = (0.80, 0.90)
 #: Whether alpha is replaced by 1/alpha with probability 1/2 (see AnonymiserSettings).
-DEFAULT_BIDIRECTIONAL = False
+DEFAULT_BIDIRECTIONAL = True
 #: Magnitude range of the optional random pitch shift, in semitones (the sign is random too).
-DEFAULT_PITCH_SEMITONES: tuple[float, float] = (2.0, 4.0)
+DEFAULT_PITCH_SEMITONES: tuple[float, float] = (1.0, 2.0)
 _EPS = 1e-10
 
 

@@ -379,12 +379,13 @@ class Condition:
 
 
 def main_conditions() -> list[Condition]:
+    low, high = an.DEFAULT_COEFFICIENT_RANGE
+    both = " or reciprocal" if an.DEFAULT_BIDIRECTIONAL else ""
     return [
         Condition("original", None),
         Condition("McAdams fixed 0.8", an.AnonymiserSettings(coefficient=0.8)),
-        Condition("McAdams randomised %.2f-%.2f" % an.DEFAULT_COEFFICIENT_RANGE, an.AnonymiserSettings()),
-        Condition("McAdams randomised %.2f-%.2f + pitch ±%g-%g st" % (*an.DEFAULT_COEFFICIENT_RANGE,
-                                                                     *an.DEFAULT_PITCH_SEMITONES),
+        Condition(f"McAdams randomised {low:.2f}-{high:.2f}{both} (default)", an.AnonymiserSettings()),
+        Condition(f"McAdams randomised {low:.2f}-{high:.2f}{both} + pitch ±%g-%g st" % an.DEFAULT_PITCH_SEMITONES,
                   an.AnonymiserSettings(pitch_semitones=an.DEFAULT_PITCH_SEMITONES)),
     ]
 
@@ -466,8 +467,28 @@ def run_condition(condition: Condition, speaker_set: list[Utterance], utility: l
     return result
 
 
-def pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f} %"
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over repeated runs (numbers), with the standard deviations under "sd"."""
+    def walk(items: list[Any], sd: bool) -> Any:
+        first = items[0]
+        if isinstance(first, dict):
+            return {k: walk([i[k] for i in items], sd) for k in first}
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            return float(np.std(items)) if sd else float(np.mean(items))
+        return None if sd else first
+    result = walk(runs, False)
+    result["repeats"] = len(runs)
+    if len(runs) > 1:
+        result["sd"] = {k: walk([r[k] for r in runs], True) for k in ("dvector", "mfcc_gmm", "utility")
+                        if k in runs[0]}
+        result["runs"] = runs
+    return result
+
+
+def pct(value: float | None, sd: float | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f} %" if not sd else f"{100 * value:.1f} ± {100 * sd:.1f} %"
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -484,16 +505,19 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         row = [r["condition"]]
+        sd = r.get("sd", {})
+
+        def cell(group: str, enrol: str, metric: str) -> str:
+            value = r.get(group, {}).get(enrol, {}).get(metric)
+            return pct(value, sd.get(group, {}).get(enrol, {}).get(metric))
         if has_dv:
-            d = r.get("dvector", {})
-            row += [pct(d.get("lazy_informed", {}).get("id_accuracy")), pct(d.get("lazy_informed", {}).get("eer")),
-                    pct(d.get("ignorant", {}).get("id_accuracy")), pct(d.get("ignorant", {}).get("eer"))]
-        g = r["mfcc_gmm"]
-        row += [pct(g["lazy_informed"]["id_accuracy"]), pct(g["lazy_informed"]["eer"]),
-                pct(g["ignorant"]["id_accuracy"]), pct(g["ignorant"]["eer"])]
+            row += [cell("dvector", "lazy_informed", "id_accuracy"), cell("dvector", "lazy_informed", "eer"),
+                    cell("dvector", "ignorant", "id_accuracy"), cell("dvector", "ignorant", "eer")]
+        row += [cell("mfcc_gmm", "lazy_informed", "id_accuracy"), cell("mfcc_gmm", "lazy_informed", "eer"),
+                cell("mfcc_gmm", "ignorant", "id_accuracy"), cell("mfcc_gmm", "ignorant", "eer")]
         if has_asr:
-            u = r.get("utility", {})
-            row += [pct(u.get("wer")), pct(u.get("digit_error"))]
+            u, usd = r.get("utility", {}), sd.get("utility", {})
+            row += [pct(u.get("wer"), usd.get("wer")), pct(u.get("digit_error"), usd.get("digit_error"))]
         row += ["–" if r["condition"] == "original" else f"{r['speed_xrt']:.4f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -507,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "consent-gate-bench-corpus",
                         help="where the synthesised corpus is kept between runs")
     parser.add_argument("--out", type=Path, help="results directory (default: bench/anonymisation unless --fast)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per randomised condition with fresh draws; the table shows mean ± sd")
     parser.add_argument("--only", help="run only the conditions whose name contains this text (exploration)")
     parser.add_argument("--no-dvector", action="store_true", help="skip resemblyzer even if installed")
     parser.add_argument("--no-asr", action="store_true", help="skip pocketsphinx even if installed")
@@ -544,10 +570,15 @@ def main(argv: list[str] | None = None) -> int:
         curve = [c for c in curve if args.only in c.name]
     results, curve_results = [], []
     for condition in conditions + curve:
-        rng = np.random.default_rng([args.seed, int(hashlib.sha256(condition.name.encode()).hexdigest()[:8], 16)])
-        result = run_condition(condition, speaker_set, utility, speakers, rng, dv, asr, enrol_count, {})
+        runs = []
+        # The original has no randomness: one run.  Each repeat draws new coefficients per utterance.
+        for repeat in range(1 if condition.settings is None else args.repeats):
+            rng = np.random.default_rng(
+                [args.seed, repeat, int(hashlib.sha256(condition.name.encode()).hexdigest()[:8], 16)])
+            runs.append(run_condition(condition, speaker_set, utility, speakers, rng, dv, asr, enrol_count, {}))
+        result = aggregate(runs)
         (results if condition in conditions else curve_results).append(result)
-        print(f"{condition.name}: " + json.dumps({k: v for k, v in result.items() if k not in ("condition",)}),
+        print(f"{condition.name}: " + json.dumps({k: v for k, v in result.items() if k not in ("condition", "runs")}),
               flush=True)
     audio_seconds = sum(u.seconds for u in speaker_set) + sum(u.seconds for u in utility)
     command = "python bench/anonymisation/bench.py" + "".join(
