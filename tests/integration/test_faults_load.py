@@ -1,0 +1,560 @@
+"""Fault injection against the real processes: the ARI service, Asterisk 22, PostgreSQL.
+
+* SIGKILL of the ARI service mid-dialog: the call goes on to the agent unrecorded, the restarted
+  service reconnects by itself and serves the next call.
+* ``core restart now`` of Asterisk while the service runs: it reconnects with no operator action.
+* Unexpected ARI events (user events with hostile payloads, events for unknown channels) and a
+  DTMF flood during a dialog: no crash, no recording without consent.
+* A hangup in every dialog state: exactly one decision in the ledger, no recording, no orphan.
+* Randomised callers on the **ARI-Local tier** (Local channels originated through ARI, keys sent
+  with ``SendDTMF`` by the ``cgcaller`` dialplan, random timings, hangups and withdrawals): for
+  every call, recording exists ⇔ a granted, not withdrawn decision exists.  ``bench/load/
+  random_callers.py`` runs the same check with 1,000 calls; here it is 100.
+
+Tests wait on conditions with bounds; the only timed parts are the callers' own behaviour
+(when they key, how long they stay), which the ledger and the log then prove.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from consent_gate.rig.harness import AsteriskLog, GateService
+from consent_gate.rig.sandbox import AsteriskSandbox
+
+from .conftest import Phones, recording_files, wait_until
+from .test_consent_gate import drain_incoming, finish, ledger_events, run_gate_call
+
+pytestmark = pytest.mark.integration
+
+DECISIONS = {"granted", "declined", "no-input", "unavailable", "abandoned", "notified"}
+PROMPT_RE = r"Playing '[^']*/question-training\."
+
+
+# -- the ARI-Local tier ------------------------------------------------------------------------
+
+@dataclass
+class LocalCall:
+    """One simulated caller: Local/500-TAG@from-callers, its ;1 half runs [from-callers] cgcaller."""
+
+    tag: str
+    delay: float = 1.0       # seconds after answer until CG_KEYS
+    keys: str = ""
+    delay2: float = 0.0      # then this long until CG_KEYS2
+    keys2: str = ""
+    hold: float = 1.0        # then this long until the caller hangs up
+    gap_ms: int = 100        # between keys
+    kind: str = ""
+
+    @property
+    def caller_channel(self) -> str:
+        return f"cgl-{self.tag}-1"
+
+    @property
+    def gate_channel(self) -> str:
+        """The half in the gate: its id is the ledger's call_id."""
+        return f"cgl-{self.tag}-2"
+
+    @property
+    def channel_prefix(self) -> str:
+        return f"Local/500-{self.tag}@from-callers-"
+
+    def variables(self) -> dict[str, str]:
+        return {"CG_DELAY": f"{self.delay:.2f}", "CG_KEYS": self.keys, "CG_DELAY2": f"{self.delay2:.2f}",
+                "CG_KEYS2": self.keys2, "CG_HOLD": f"{self.hold:.2f}", "CG_GAP": str(self.gap_ms)}
+
+
+class LocalTier:
+    """ARI REST (the sandbox's ARI user) for originating and hanging up Local-tier calls."""
+
+    def __init__(self, asterisk: AsteriskSandbox) -> None:
+        env = asterisk.env()
+        self.base = env["CONSENT_GATE_ARI_URL"] + "/ari"
+        self.app = env["CONSENT_GATE_ARI_APP"]
+        self.auth = aiohttp.BasicAuth(env["CONSENT_GATE_ARI_USER"], env["CONSENT_GATE_ARI_PASSWORD"])
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "LocalTier":
+        self.session = aiohttp.ClientSession(auth=self.auth, timeout=aiohttp.ClientTimeout(total=10))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.session is not None
+        await self.session.close()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        assert self.session is not None
+        async with self.session.request(method, self.base + path, **kwargs) as response:
+            text = await response.text()
+            try:
+                return response.status, json.loads(text) if text else None
+            except ValueError:
+                return response.status, text
+
+    async def originate(self, call: LocalCall, caller_id: str = '"Local Caller" <+4520000000>') -> None:
+        params = {"endpoint": f"Local/500-{call.tag}@from-callers", "extension": "cgcaller",
+                  "context": "from-callers", "priority": "1", "channelId": call.caller_channel,
+                  "otherChannelId": call.gate_channel, "callerId": caller_id, "timeout": "30"}
+        status, body = await self.request("POST", "/channels", params=params, json={"variables": call.variables()})
+        assert status == 200, f"originate {call.tag}: HTTP {status} {body}"
+
+    async def channel_ids(self) -> set[str]:
+        status, body = await self.request("GET", "/channels")
+        assert status == 200, body
+        return {c["id"] for c in body}
+
+    async def hangup(self, channel_id: str) -> None:
+        await self.request("DELETE", f"/channels/{channel_id}")
+
+    async def wait_gone(self, ids: set[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (await self.channel_ids()) & ids:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"channels still up after {timeout:.0f} s: {sorted(ids)}")
+            await asyncio.sleep(0.2)
+
+    async def registered(self) -> bool:
+        status, _ = await self.request("GET", f"/applications/{self.app}")
+        return status == 200
+
+    async def user_event(self, name: str, source: str | None, variables: dict[str, Any]) -> int:
+        params = {"application": self.app}
+        if source:
+            params["source"] = source
+        status, _ = await self.request("POST", f"/events/user/{name}", params=params, json={"variables": variables})
+        return status
+
+
+async def run_local_calls(tier: LocalTier, calls: list[LocalCall], concurrency: int, per_call_timeout: float) -> None:
+    """Originate every call, at most ``concurrency`` at once; each ends by itself (bounded)."""
+    slots = asyncio.Semaphore(concurrency)
+    live: dict[str, int] = {}  # tag -> poll generation when it was originated
+    done: dict[str, asyncio.Event] = {}
+    generation = 0
+
+    async def poll() -> None:
+        # One GET /channels for all calls; a call is over when neither half is listed in a
+        # listing that started after its originate returned.
+        nonlocal generation
+        while True:
+            generation += 1
+            started = generation
+            try:
+                up = await tier.channel_ids()
+            except (aiohttp.ClientError, asyncio.TimeoutError, AssertionError):
+                await asyncio.sleep(0.25)
+                continue
+            for call in calls:
+                added = live.get(call.tag)
+                if added is not None and added < started and not ({call.caller_channel, call.gate_channel} & up):
+                    del live[call.tag]
+                    done[call.tag].set()
+            await asyncio.sleep(0.25)
+
+    async def one(call: LocalCall) -> None:
+        async with slots:
+            done[call.tag] = asyncio.Event()
+            await tier.originate(call)
+            live[call.tag] = generation
+            try:
+                await asyncio.wait_for(done[call.tag].wait(), per_call_timeout)
+            except asyncio.TimeoutError:
+                await tier.hangup(call.caller_channel)
+                raise TimeoutError(f"call {call.tag} ({call.kind}) did not end in {per_call_timeout:.0f} s") from None
+
+    poller = asyncio.create_task(poll())
+    try:
+        await asyncio.gather(*(one(call) for call in calls))
+    finally:
+        poller.cancel()
+
+
+def random_call(rng: random.Random, tag: str) -> LocalCall:
+    """A caller who keys (or not) at a random moment and hangs up at a random moment."""
+    kind = rng.choices(
+        ["grant", "decline", "invalid-then-grant", "reciprocal-then-grant", "grant-then-withdraw",
+         "hangup-in-prompt", "hangup-at-answer", "flood-no-consent", "grant-then-hangup-at-once"],
+        weights=[25, 12, 8, 6, 14, 12, 6, 5, 12])[0]
+    call = LocalCall(tag=tag, kind=kind, delay=round(rng.uniform(0.2, 3.0), 2), hold=round(rng.uniform(0.2, 5.0), 2))
+    match kind:
+        case "grant":
+            call.keys = "1"
+        case "decline":
+            call.keys = "2"
+        case "invalid-then-grant":
+            call.keys = rng.choice(["71", "91", "#1", "01"])
+        case "reciprocal-then-grant":
+            call.keys, call.delay2, call.keys2 = "3", round(rng.uniform(0.5, 4.0), 2), "1"
+        case "grant-then-withdraw":
+            # *0 at a random moment after the grant: during the confirmation or after it.
+            call.keys, call.delay2, call.keys2 = "1", round(rng.uniform(0.3, 9.0), 2), "*0"
+            call.hold = round(rng.uniform(0.5, 3.0), 2)
+        case "hangup-in-prompt":
+            call.keys, call.hold = "", 0.0
+        case "hangup-at-answer":
+            call.delay, call.keys, call.hold = 0.0, "", 0.0
+        case "flood-no-consent":
+            call.keys = "".join(rng.choice("0234567890*#") for _ in range(rng.randint(10, 40)))
+            call.gap_ms = 40
+        case "grant-then-hangup-at-once":
+            call.keys, call.hold = "1", round(rng.uniform(0.0, 0.3), 2)
+    return call
+
+
+@dataclass
+class InvariantReport:
+    calls: int = 0
+    outcomes: Counter = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+    granted_hung_up_before_recording: int = 0
+    orphan_files: list[str] = field(default_factory=list)
+
+
+async def call_events(dsn: str, call_ids: list[str]) -> dict[str, list[dict]]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch(
+            "SELECT call_id, event, recording_id, consent_id::text AS consent_id, decided_at, prompt_started_at,"
+            " occurred_at FROM consent_events WHERE call_id = ANY($1::text[]) ORDER BY occurred_at, seq", call_ids)
+    finally:
+        await connection.close()
+    out: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        out[row["call_id"]].append(dict(row))
+    return out
+
+
+def check_invariant(calls: list[LocalCall], events: dict[str, list[dict]], new_files: set[str],
+                    log_text: str) -> InvariantReport:
+    """recording exists ⇔ a granted, not withdrawn decision exists — for every call, plus: one
+    decision per call, no MixMonitor without a grant, no file that belongs to no call."""
+    report = InvariantReport(calls=len(calls))
+    claimed: set[str] = set()
+    for call in calls:
+        mine = events.get(call.gate_channel, [])
+        decisions = [e for e in mine if e["event"] in DECISIONS]
+        report.outcomes.update(e["event"] for e in decisions)
+        if len(decisions) != 1:
+            report.violations.append(f"{call.tag} ({call.kind}): {len(decisions)} decisions "
+                                     f"{[e['event'] for e in mine]}")
+            continue
+        decision = decisions[0]
+        withdrawn = any(e["event"] == "withdrawn" for e in mine)
+        if withdrawn:
+            report.outcomes["withdrawn"] += 1
+        granted = decision["event"] == "granted"
+        rid = decision["recording_id"] if granted else None
+        names = {f"{rid}.wav", f"{rid}-caller.wav", f"{rid}-agent.wav"} if rid else set()
+        claimed |= names
+        has_file = bool(names & new_files)
+        began = f"Begin MixMonitor Recording {call.channel_prefix}" in log_text
+        if has_file and not (granted and not withdrawn):
+            report.violations.append(f"{call.tag} ({call.kind}): a recording without a standing grant")
+        if began and not granted:
+            report.violations.append(f"{call.tag} ({call.kind}): MixMonitor began without a grant")
+        if granted and not withdrawn:
+            if began and not has_file:
+                report.violations.append(f"{call.tag} ({call.kind}): granted, MixMonitor began, no file")
+            if not began:
+                # The caller hung up between the stored grant and the dialplan's MixMonitor.
+                report.granted_hung_up_before_recording += 1
+    report.orphan_files = sorted(new_files - claimed)
+    if report.orphan_files:
+        report.violations.append(f"files that belong to no granted call: {report.orphan_files[:10]}")
+    return report
+
+
+async def settled_report(calls: list[LocalCall], dsn: str, recordings_dir: Path, before: set[str],
+                         log: AsteriskLog, timeout: float = 30.0) -> InvariantReport:
+    """Re-check until the ledger and the recordings settle (withdrawal deletes asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = await call_events(dsn, [c.gate_channel for c in calls])
+        new_files = {p.name for p in recordings_dir.iterdir()} - before
+        report = check_invariant(calls, events, new_files, log.text())
+        if not report.violations or time.monotonic() > deadline:
+            return report
+        await asyncio.sleep(0.5)
+
+
+async def random_run(asterisk: AsteriskSandbox, dsn: str, log: AsteriskLog, *, calls: int, concurrency: int,
+                     seed: int, tag_prefix: str) -> InvariantReport:
+    rng = random.Random(seed)
+    plan = [random_call(rng, f"{tag_prefix}{i:04d}") for i in range(calls)]
+    before = {p.name for p in asterisk.recordings_dir.iterdir()}
+    async with LocalTier(asterisk) as tier:
+        await run_local_calls(tier, plan, concurrency, per_call_timeout=90)
+    return await settled_report(plan, dsn, asterisk.recordings_dir, before, log)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+async def one_local_call(tier: LocalTier, call: LocalCall, timeout: float = 90) -> None:
+    await run_local_calls(tier, [call], 1, per_call_timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def scrape(port: int) -> str:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            return await response.text()
+
+
+async def with_metrics(gate: GateService) -> int:
+    """Restart the service with its metrics endpoint on (stays on for the rest of the session)."""
+    if "CONSENT_GATE_METRICS_PORT" not in gate.extra_env:
+        gate.extra_env["CONSENT_GATE_METRICS_PORT"] = str(free_port())
+        await gate.stop()
+        await gate.start()
+    return int(gate.extra_env["CONSENT_GATE_METRICS_PORT"])
+
+
+def assert_alive(gate: GateService) -> None:
+    assert gate.running, f"consent-gate-ari died:\n{gate.log_tail()}"
+    assert "Traceback" not in gate.log_text(), gate.log_tail(60)
+
+
+# -- process faults ----------------------------------------------------------------------------
+
+async def test_sigkill_mid_dialog_goes_on_unrecorded_and_the_restarted_app_serves_the_next_call(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
+    test_tag: str, recordings_before: set[str],
+) -> None:
+    await drain_incoming(phones.agent)
+    caller = await phones.caller.call(phones.uri("200"), headers={"X-Test-Call": test_tag})
+    await caller.wait_answered(10)
+    await asterisk_log.wait_for(PROMPT_RE, 10)
+    old_pid = gate.process.pid if gate.process else None
+    await gate.stop(kill=True)  # SIGKILL: no cleanup, no goodbye to Asterisk
+    await gate.start()  # what systemd's Restart= does; the new process releases the orphan itself
+    assert gate.process is not None and gate.process.pid != old_pid
+    result = await asterisk_log.gate_result(test_tag, 20)
+    assert result.status == "unavailable" and result.recording_id == ""
+    agent = await phones.agent.wait_incoming(20)
+    await agent.answer()
+    await caller.send_dtmf("1")  # too late: changes nothing
+    await caller.play_silence(1.0)
+    await caller.hangup()
+    await agent.wait_hangup(10)
+    assert recording_files(asterisk) == recordings_before
+    assert "Begin MixMonitor" not in asterisk_log.text()
+    assert "ari.orphan_released" in gate.log_text()
+
+    # The next caller is served normally by the new process.
+    next_tag = uuid.uuid4().hex[:12]
+    call = await run_gate_call(phones, asterisk_log, next_tag, key="1")
+    assert call.result.status == "granted"
+    await call.caller.play_silence(0.5)
+    await finish(call)
+    await wait_until(lambda: f"{call.result.recording_id}.wav" in recording_files(asterisk), 10, "the recording")
+    [event] = await ledger_events(pg_dsn, call.result.consent_id)
+    assert event["event"] == "granted"
+    assert_alive(gate)
+
+
+async def test_asterisk_restart_the_app_reconnects_without_operator_action(
+    asterisk: AsteriskSandbox, gate: GateService, pg_dsn: str,
+) -> None:
+    port = await with_metrics(gate)
+    pid = gate.process.pid if gate.process else None
+    before = await scrape(port)
+    reconnects = float(re.search(r"^consent_gate_ari_reconnects_total (\S+)$", before, re.M).group(1))
+    restarted_at = time.time()
+    # Same pid (Asterisk re-executes itself), so the sandbox still owns it.
+    try:
+        asterisk.cli("core restart now", timeout=10)
+    except Exception:  # the CLI connection may drop with the restart
+        pass
+    await asyncio.to_thread(asterisk.wait_booted, 90)
+    log = AsteriskLog(asterisk.full_log)
+    log.offset = 0  # the log may have been reopened; read it whole, filtered by tag below
+    await gate.wait_registered(30)  # the *same* process reconnected by itself
+    assert gate.process is not None and gate.process.pid == pid
+    text = await scrape(port)
+    assert float(re.search(r"^consent_gate_ari_reconnects_total (\S+)$", text, re.M).group(1)) >= reconnects + 1
+    assert re.search(r"^consent_gate_ari_connected 1\.0$", text, re.M)
+    assert gate.log_text().count("ari.ws.connected") >= 2
+    # ...and serves calls again.
+    tag = f"rs{uuid.uuid4().hex[:8]}"
+    async with LocalTier(asterisk) as tier:
+        call = LocalCall(tag=tag, delay=1.0, keys="1", hold=2.0, kind="grant")
+        await one_local_call(tier, call)
+    report = await settled_report([call], pg_dsn, asterisk.recordings_dir, set(), log)
+    assert report.outcomes["granted"] == 1, report
+    assert not report.violations, report.violations
+    assert time.time() - restarted_at < 120
+    assert_alive(gate)
+
+
+# -- unexpected input --------------------------------------------------------------------------
+
+HOSTILE_VARIABLES = {
+    "digit": "1", "type": "ChannelDtmfReceived", "channel": {"id": "../../etc"}, "playback": [1, 2],
+    "x": "A" * 4000, "sql": "'); DROP TABLE consent_events;--", "nul": "\u0000\u202e", "nested": {"a": {"b": [None]}},
+}
+
+
+async def test_unexpected_ari_events_and_a_dtmf_flood_do_not_crash_or_record(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, gate: GateService, pg_dsn: str,
+) -> None:
+    tag = f"fl{uuid.uuid4().hex[:8]}"
+    before = {p.name for p in asterisk.recordings_dir.iterdir()}
+    flood = "".join(random.Random(8).choice("0234567890*#") for _ in range(120))
+    call = LocalCall(tag=tag, delay=0.5, keys=flood, gap_ms=30, hold=1.0, kind="flood")
+    async with LocalTier(asterisk) as tier:
+        runner = asyncio.create_task(one_local_call(tier, call))
+        await asterisk_log.wait_for(rf"{re.escape(call.channel_prefix)}\S*;2> {PROMPT_RE}", 15)
+        # Unexpected events on the dialog's own channel, on unknown channels, and app-wide.
+        statuses = []
+        for index in range(30):
+            statuses.append(await tier.user_event(f"cg-hostile-{index}", f"channel:{call.gate_channel}",
+                                                  HOSTILE_VARIABLES))
+            statuses.append(await tier.user_event("StasisStart", None, {"args": ["training"], "channel": None}))
+            statuses.append(await tier.user_event("ChannelDtmfReceived", None, {"digit": "1"}))
+        assert all(status in (200, 204) for status in statuses), Counter(statuses)
+        await runner
+    report = await settled_report([call], pg_dsn, asterisk.recordings_dir, before, asterisk_log)
+    assert not report.violations, report.violations
+    assert report.outcomes["granted"] == 0 and sum(report.outcomes.values()) == 1, report.outcomes
+    assert_alive(gate)
+    # Still serving: a consenting caller right after.
+    ok = LocalCall(tag=f"ok{uuid.uuid4().hex[:8]}", delay=0.5, keys="1", hold=1.0, kind="grant")
+    async with LocalTier(asterisk) as tier:
+        await one_local_call(tier, ok)
+    report = await settled_report([ok], pg_dsn, asterisk.recordings_dir, before, asterisk_log)
+    assert report.outcomes["granted"] == 1 and not report.violations, report
+
+
+# -- hangups in every dialog state ---------------------------------------------------------------
+
+HANGUP_STATES = ["starting", "asking", "invalid-prompt", "reciprocal-ack", "waiting", "storing", "confirmation",
+                 "after-gate"]
+
+
+@pytest.mark.parametrize("state", HANGUP_STATES)
+async def test_hangup_in_every_dialog_state(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, gate: GateService, pg_dsn: str, state: str,
+) -> None:
+    tag = f"hs{state[:4]}{uuid.uuid4().hex[:6]}"
+    before = {p.name for p in asterisk.recordings_dir.iterdir()}
+    call = LocalCall(tag=tag, delay=0.5, hold=60, kind=state)
+    prompt_line = rf"\[(\S+ \S+)\] \S+ \S+ <{re.escape(call.channel_prefix)}\S*;2> "
+    expected = {"abandoned"}
+    lock: asyncpg.Connection | None = None
+    hang_up_ourselves = True
+    match state:
+        case "starting":
+            # The caller hangs up the moment the gate answers, before or as the question starts.
+            call.delay, call.hold, hang_up_ourselves = 0.0, 0.0, False
+        case "asking":
+            call.delay = 60
+        case "invalid-prompt":
+            call.keys = "7"
+        case "reciprocal-ack":
+            call.keys = "3"
+        case "waiting":
+            # The caller listens to the whole question (24.8 s) and hangs up while asked to key;
+            # the ledger's timestamps prove it below.
+            call.delay, call.hold, hang_up_ourselves = 27.0, 0.0, False
+        case "storing":
+            # The grant's INSERT waits on a table lock while the caller hangs up.
+            call.keys, call.delay, expected = "1", 1.0, {"granted", "unavailable"}
+            lock = await asyncpg.connect(pg_dsn)
+            await lock.execute("BEGIN")
+            await lock.execute("LOCK TABLE consent_events IN EXCLUSIVE MODE")
+        case "confirmation" | "after-gate":
+            call.keys, expected = "1", {"granted"}
+    async with LocalTier(asterisk) as tier:
+        runner = asyncio.create_task(one_local_call(tier, call, timeout=120))
+        try:
+            match state:
+                case "asking":
+                    await asterisk_log.wait_for(prompt_line + PROMPT_RE, 15)
+                case "invalid-prompt":
+                    await asterisk_log.wait_for(prompt_line + r"Playing '[^']*/invalid\.", 15)
+                case "reciprocal-ack":
+                    await asterisk_log.wait_for(prompt_line + r"Playing '[^']*/caller-records-ack\.", 15)
+                case "storing":
+                    assert lock is not None
+                    await wait_until_async(lambda: inserts_waiting(lock), 20, "the grant's INSERT to wait on the lock")
+                case "confirmation":
+                    await asterisk_log.wait_for(prompt_line + r"Playing '[^']*/granted\.", 20)
+                case "after-gate":
+                    await asterisk_log.wait_for(rf"consent-result: test={tag} status=granted", 30)
+            if hang_up_ourselves:
+                await tier.hangup(call.caller_channel)
+                await tier.wait_gone({call.caller_channel, call.gate_channel}, 15)
+        finally:
+            if lock is not None:
+                await lock.execute("ROLLBACK")
+                await lock.close()
+        await runner
+    report = await settled_report([call], pg_dsn, asterisk.recordings_dir, before, asterisk_log)
+    assert not report.violations, report.violations
+    [outcome] = [k for k in report.outcomes if k in DECISIONS]
+    assert outcome in expected, report.outcomes
+    events = (await call_events(pg_dsn, [call.gate_channel]))[call.gate_channel]
+    decision = next(e for e in events if e["event"] in DECISIONS)
+    if state == "waiting":
+        # Proof that the hangup came after the whole question: the caller was in WAITING.
+        assert (decision["decided_at"] - decision["prompt_started_at"]).total_seconds() > 24.5
+    if state == "starting":
+        assert decision["digit"] is None
+    new_files = {p.name for p in asterisk.recordings_dir.iterdir()} - before
+    if state in ("confirmation", "after-gate"):
+        assert new_files, "a granted call that reached MixMonitor has its recording"
+    else:
+        assert not new_files, new_files
+    assert_alive(gate)
+
+
+async def inserts_waiting(connection: asyncpg.Connection) -> bool:
+    return bool(await connection.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO consent_events%'"))
+
+
+async def wait_until_async(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# -- randomised callers ------------------------------------------------------------------------
+
+async def test_randomised_callers_recording_exists_iff_granted_and_not_withdrawn(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, gate: GateService, pg_dsn: str,
+) -> None:
+    seed = int(os.environ.get("CONSENT_GATE_RANDOM_SEED", str(random.SystemRandom().randrange(1 << 30))))
+    print(f"\nrandomised callers: seed {seed} (CONSENT_GATE_RANDOM_SEED={seed} repeats this run)")
+    report = await random_run(asterisk, pg_dsn, asterisk_log, calls=100, concurrency=15, seed=seed,
+                              tag_prefix=f"rnd{uuid.uuid4().hex[:6]}")
+    print(f"outcomes {dict(report.outcomes)}; granted but hung up before MixMonitor: "
+          f"{report.granted_hung_up_before_recording}")
+    assert not report.violations, f"seed {seed}: " + "\n".join(report.violations[:20])
+    assert sum(report.outcomes[k] for k in DECISIONS) == 100
+    assert report.outcomes["granted"] > 0 and report.outcomes["abandoned"] > 0
+    assert_alive(gate)
+    assert await asyncio.to_thread(lambda: "TRAP" not in asterisk_log.text())
