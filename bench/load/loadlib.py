@@ -47,11 +47,19 @@ def system_cpu() -> tuple[float, float]:
 
 
 def children(pid: int) -> list[int]:
+    """Live children of every thread of the process (Asterisk forks AGI scripts from call threads)."""
+    out: list[int] = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            return [int(x) for x in handle.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                out += [int(x) for x in handle.read().split()]
+        except OSError:
+            pass
+    return out
 
 
 def tree_cpu(pid: int) -> float:

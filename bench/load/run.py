@@ -204,8 +204,34 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
+def markdown_table(result: dict) -> str:
+    """The short table for docs/performance.md from a results JSON."""
+    lines = ["| gate | conc. | calls ok/failed | calls/s | CPU ms/call Asterisk | ours | PostgreSQL "
+             "| answer→prompt p50/p99 ms | key→MixMonitor p50/p99 ms | app RSS MiB | machine busy |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in result["runs"]:
+        ap, km, cpc = row["answer_to_prompt_ms"], row["key_to_mixmonitor_ms"], row["cpu_ms_per_call"]
+        rss = (row.get("ari_rss_kib_max", 0) if row["gate"] == "ari" else row.get("agi_rss_kib_max", 0)
+               if row["gate"] == "agi" else 0) / 1024
+        lines.append(
+            f"| {row['gate']} | {row['concurrency']} | {row['completed']}/{row['failed']} | {row['calls_per_s']:.2f} "
+            f"| {cpc['asterisk']:.0f} | {cpc['ours']:.0f} | {cpc['postgres']:.0f} | {ap['p50']}/{ap['p99']} "
+            f"| {km['p50']}/{km['p99']} | {rss:.0f} | {row.get('machine_busy_pct')} % |")
+    lines.append("")
+    lines.append("| vs reference | throughput | CPU per call (all processes) | Asterisk CPU per call |")
+    lines.append("| --- | ---: | ---: | ---: |")
+    for key, value in result["ratios_vs_reference"].items():
+        lines.append(f"| {key} | {value['throughput_ratio']}× | {value['cpu_per_call_ratio']}× "
+                     f"| {value['asterisk_cpu_per_call_ratio']}× |")
+    return "\n".join(lines)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(markdown_table(json.loads(Path(sys.argv[2]).read_text())))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="run.py --table results.json prints the markdown table of a run")
     parser.add_argument("--levels", default="1,10,30,50", help="concurrency levels (default 1,10,30,50)")
     parser.add_argument("--gates", default="ari,agi,ref", help="which gates: ari, agi, ref")
     parser.add_argument("--calls-per-slot", type=int, default=4, help="calls per concurrent slot (default 4)")
