@@ -60,6 +60,7 @@ __all__ = [
     "lpc",
     "mcadams",
     "pitch_shift",
+    "read_wav",
     "read_wav_mono",
     "warp_poles",
     "write_wav",
@@ -373,23 +374,82 @@ def anonymise(samples: np.ndarray, rate: int = SAMPLE_RATE, settings: Anonymiser
     return np.clip(np.round(y), -32768, 32767).astype(np.int16)
 
 
-def read_wav_mono(path: str | Path) -> tuple[int, np.ndarray]:
-    """An 8 kHz (or any rate) mono 16-bit PCM WAV as ``(rate, int16 samples)``."""
+def _g711_decode(codes: np.ndarray, law: str) -> np.ndarray:
+    """G.711 mu-law / A-law bytes -> int16 (ITU-T G.711 expansion)."""
+    c = codes.astype(np.int32)
+    if law == "mu":
+        c = ~c & 0xFF
+        exponent, mantissa = (c >> 4) & 0x07, c & 0x0F
+        magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+        return np.where(c & 0x80, -magnitude, magnitude).astype(np.int16)
+    c = c ^ 0x55
+    exponent, mantissa = (c >> 4) & 0x07, c & 0x0F
+    magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+    return np.where(c & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
+def read_wav(path: str | Path) -> tuple[int, np.ndarray]:
+    """Any common WAV file as ``(rate, int16 array of shape (frames, channels))``.
+
+    Reads PCM 8/16/24/32-bit, IEEE float, G.711 mu-law and A-law (as Asterisk and many
+    recorders write), plain or WAVE_FORMAT_EXTENSIBLE; other chunks (LIST, INFO, bext, ...)
+    are skipped, never copied.
+    """
     path = Path(path)
-    try:
-        with wave.open(str(path), "rb") as handle:
-            rate, channels, width = handle.getframerate(), handle.getnchannels(), handle.getsampwidth()
-            frames = handle.readframes(handle.getnframes())
-    except (wave.Error, EOFError) as error:
-        raise AudioFormatError(f"{path}: not a PCM WAV file ({error})") from None
-    if width != 2:
-        raise AudioFormatError(f"{path}: {8 * width}-bit samples; 16-bit PCM expected "
-                               f"(convert with: sox {path.name} -b 16 out.wav)")
-    data = np.frombuffer(frames, dtype="<i2").astype(np.int16)
-    if channels != 1:
-        raise AudioFormatError(f"{path}: {channels} channels; mono expected "
-                               f"(convert with: sox {path.name} -c 1 out.wav)")
-    return rate, data
+    data = path.read_bytes()
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise AudioFormatError(f"{path}: not a RIFF/WAVE file")
+    fmt: bytes | None = None
+    payload: bytes | None = None
+    offset = 12
+    while offset + 8 <= len(data):
+        name, size = data[offset:offset + 4], int.from_bytes(data[offset + 4:offset + 8], "little")
+        body = data[offset + 8: offset + 8 + size]
+        if name == b"fmt ":
+            fmt = body
+        elif name == b"data":
+            payload = body  # a recorder that never closed the file leaves size 0 or too large: take what is there
+            if size == 0 or offset + 8 + size > len(data):
+                payload = data[offset + 8:]
+            break
+        offset += 8 + size + (size & 1)
+    if fmt is None or payload is None or len(fmt) < 16:
+        raise AudioFormatError(f"{path}: no fmt/data chunk")
+    tag, channels, rate = int.from_bytes(fmt[0:2], "little"), int.from_bytes(fmt[2:4], "little"), \
+        int.from_bytes(fmt[4:8], "little")
+    bits = int.from_bytes(fmt[14:16], "little")
+    if tag == 0xFFFE and len(fmt) >= 26:
+        tag = int.from_bytes(fmt[24:26], "little")
+    if channels < 1 or rate < 1:
+        raise AudioFormatError(f"{path}: invalid header ({channels} channels, {rate} Hz)")
+    width = max(1, bits // 8)
+    usable = len(payload) - len(payload) % (width * channels)
+    raw = payload[:usable]
+    if tag == 1 and width == 1:
+        samples = ((np.frombuffer(raw, np.uint8).astype(np.int16) - 128) << 8).astype(np.int16)
+    elif tag == 1 and width == 2:
+        samples = np.frombuffer(raw, "<i2").astype(np.int16)
+    elif tag == 1 and width in (3, 4):
+        bytes_ = np.frombuffer(raw, np.uint8).reshape(-1, width)
+        samples = (bytes_[:, -2].astype(np.int16) & 0xFF) | (bytes_[:, -1].astype(np.int8).astype(np.int16) << 8)
+    elif tag == 3 and width in (4, 8):
+        floats = np.frombuffer(raw, "<f4" if width == 4 else "<f8")
+        samples = np.clip(np.round(np.nan_to_num(floats) * 32767), -32768, 32767).astype(np.int16)
+    elif tag in (6, 7) and width == 1:
+        samples = _g711_decode(np.frombuffer(raw, np.uint8), "mu" if tag == 7 else "a")
+    else:
+        raise AudioFormatError(f"{path}: WAV format {tag} with {bits}-bit samples is not supported "
+                               "(convert with: sox IN.wav -b 16 -e signed-integer OUT.wav)")
+    return rate, samples.reshape(-1, channels)
+
+
+def read_wav_mono(path: str | Path) -> tuple[int, np.ndarray]:
+    """A mono WAV file (any encoding :func:`read_wav` reads) as ``(rate, int16 samples)``."""
+    rate, frames = read_wav(path)
+    if frames.shape[1] != 1:
+        raise AudioFormatError(f"{path}: {frames.shape[1]} channels; mono expected "
+                               f"(convert with: sox {Path(path).name} -c 1 out.wav)")
+    return rate, frames[:, 0].copy()
 
 
 def write_wav(path: str | Path, channels: list[np.ndarray], rate: int = SAMPLE_RATE) -> Path:
@@ -412,6 +472,10 @@ def write_wav(path: str | Path, channels: list[np.ndarray], rate: int = SAMPLE_R
 
 def anonymise_file(source: str | Path, target: str | Path, settings: AnonymiserSettings | None = None,
                    rng: RandomSource | None = None) -> Path:
-    """Anonymise an 8 kHz mono 16-bit WAV file into a new metadata-free WAV file."""
-    rate, samples = read_wav_mono(source)
-    return write_wav(target, [anonymise(samples, rate, settings, rng)], rate)
+    """Anonymise an 8 kHz WAV file into a new metadata-free 16-bit PCM WAV file.
+
+    Every channel is anonymised, each with its own draw (a stereo call recording has the caller
+    on one channel and the agent on the other; which is which is not known here).
+    """
+    rate, frames = read_wav(source)
+    return write_wav(target, [anonymise(frames[:, c], rate, settings, rng) for c in range(frames.shape[1])], rate)

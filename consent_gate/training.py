@@ -465,9 +465,9 @@ def _add_voice_options(parser: argparse.ArgumentParser) -> None:
 
 def register_cli(subparsers: Any) -> None:
     """Add ``anonymise`` and ``training make|worker|sweep``; the handler is ``args.func``."""
-    anon = subparsers.add_parser("anonymise", help="anonymise the voice in an 8 kHz mono WAV file (McAdams)")
-    anon.add_argument("input", type=Path, help="8 kHz mono 16-bit PCM WAV")
-    anon.add_argument("output", type=Path, help="new WAV file (no metadata)")
+    anon = subparsers.add_parser("anonymise", help="anonymise the voice(s) in an 8 kHz WAV file (McAdams)")
+    anon.add_argument("input", type=Path, help="8 kHz WAV: PCM, float, mu-law or A-law; every channel is changed")
+    anon.add_argument("output", type=Path, help="new 16-bit PCM WAV file (no metadata)")
     _add_voice_options(anon)
     anon.add_argument("--coefficient", type=float,
                       help="a fixed coefficient instead of a random one (for audits; weaker)")
