@@ -388,6 +388,7 @@ def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:
 def _settings(args: argparse.Namespace) -> TrainingSettings:
     anonymiser = an.AnonymiserSettings(
         coefficient_range=tuple(args.range) if getattr(args, "range", None) else an.DEFAULT_COEFFICIENT_RANGE,
+        bidirectional=not getattr(args, "no_reciprocal", False),
         pitch_semitones=tuple(args.pitch) if getattr(args, "pitch", None) else None,
     )
     return TrainingSettings(anonymiser=anonymiser, anonymise_agent=getattr(args, "anonymise_agent", False))
@@ -440,6 +441,7 @@ def _cmd_anonymise(args: argparse.Namespace) -> int:
     settings = an.AnonymiserSettings(
         coefficient_range=tuple(args.range) if args.range else an.DEFAULT_COEFFICIENT_RANGE,
         coefficient=args.coefficient,
+        bidirectional=not args.no_reciprocal,
         pitch_semitones=tuple(args.pitch) if args.pitch else None,
     )
     try:
@@ -459,6 +461,8 @@ def _add_voice_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"),
                         help="McAdams coefficient range drawn from per file (default %.2f %.2f)"
                              % an.DEFAULT_COEFFICIENT_RANGE)
+    parser.add_argument("--no-reciprocal", action="store_true",
+                        help="never use 1/alpha (by default half of the files get the reciprocal)")
     parser.add_argument("--pitch", nargs=2, type=float, metavar=("LOW", "HIGH"),
                         help="also shift the pitch by LOW..HIGH semitones, random sign (e.g. 2 4)")
 
