@@ -202,7 +202,7 @@ def write_copy(files: RecordingFiles, copies_dir: Path, period: str,
 # -- the database side -----------------------------------------------------------------------
 
 _TRAINING_DECISION = """
-SELECT d.purpose, d.call_id
+SELECT d.purpose
   FROM consent_decisions d
  WHERE d.recording_id = $1 AND d.decision = 'granted' AND d.latest_event <> 'withdrawn'
    AND d.purpose = ANY($2::text[])
@@ -330,6 +330,9 @@ async def make_pending(connection: asyncpg.Connection, *, recordings_dir: Path, 
                                                      copies_dir=copies_dir, purposes=purposes, settings=settings))
         except (NotReady, NotEligible):
             continue
+        except an.AudioFormatError as error:
+            # One unreadable recording must not stop the worker; it stays for an admin to look at.
+            log.warning("training.copy_failed", recording_id=recording_id, error=str(error))
     return outcomes
 
 

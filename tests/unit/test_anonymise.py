@@ -498,3 +498,18 @@ def test_fast_benchmark_runs(tmp_path: Path) -> None:
             assert 0.0 <= metrics["id_accuracy"] <= 1.0 and 0.0 <= metrics["eer"] <= 1.0
     assert all(r["speed_xrt"] > 0 for r in report["results"][1:])
     assert (tmp_path / "out" / "table-fast.md").read_text().count("\n| ") >= 5
+
+
+async def test_worker_pass_skips_a_broken_recording(tmp_path: Path, pg_dsn: str, db) -> None:
+    broken, good = uuid.uuid4().hex, uuid.uuid4().hex
+    make_legs(tmp_path / "rec", good)
+    files = make_legs(tmp_path / "rec", broken)
+    data = bytearray(files.caller.read_bytes())
+    data[20:22] = struct.pack("<H", 2)  # a closed file in an encoding we do not read (MS ADPCM)
+    files.caller.write_bytes(bytes(data))
+    os.utime(files.caller, (time.time() - 60, time.time() - 60))
+    for recording_id in (broken, good):
+        await add_decision(pg_dsn, recording_id)
+    outcomes = await training.make_pending(db, recordings_dir=tmp_path / "rec", copies_dir=tmp_path / "copies")
+    assert len(outcomes) == 1 and outcomes[0].created
+    assert files.mixed.exists(), "the broken recording is left alone"
