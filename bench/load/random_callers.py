@@ -53,6 +53,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "seed": args.seed, "calls": report.calls, "concurrency": args.concurrency,
             "elapsed_s": round(elapsed, 1), "outcomes": dict(report.outcomes),
             "granted_but_hung_up_before_mixmonitor": report.granted_hung_up_before_recording,
+            "withdrawal_keyed_but_not_withdrawn": report.withdrawal_ignored,
             "recordings_kept": len({name.split("-")[0].removesuffix(".wav") for name in new_files}),
             "violations": report.violations, "service_alive": alive, "channels_left": channels_left,
         }

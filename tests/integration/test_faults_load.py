@@ -227,6 +227,8 @@ class InvariantReport:
     outcomes: Counter = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
     granted_hung_up_before_recording: int = 0
+    # Callers who keyed the withdrawal code after a grant, yet the ledger has no withdrawal.
+    withdrawal_ignored: list[str] = field(default_factory=list)
     orphan_files: list[str] = field(default_factory=list)
 
 
@@ -272,6 +274,8 @@ def check_invariant(calls: list[LocalCall], events: dict[str, list[dict]], new_f
             report.violations.append(f"{call.tag} ({call.kind}): a recording without a standing grant")
         if began and not granted:
             report.violations.append(f"{call.tag} ({call.kind}): MixMonitor began without a grant")
+        if granted and not withdrawn and "*0" in call.keys2:
+            report.withdrawal_ignored.append(call.tag)
         if granted and not withdrawn:
             if began and not has_file:
                 report.violations.append(f"{call.tag} ({call.kind}): granted, MixMonitor began, no file")
@@ -727,7 +731,7 @@ async def test_randomised_callers_recording_exists_iff_granted_and_not_withdrawn
     report = await random_run(asterisk, pg_dsn, asterisk_log, calls=100, concurrency=15, seed=seed,
                               tag_prefix=f"rnd{uuid.uuid4().hex[:6]}")
     print(f"outcomes {dict(report.outcomes)}; granted but hung up before MixMonitor: "
-          f"{report.granted_hung_up_before_recording}")
+          f"{report.granted_hung_up_before_recording}; *0 keyed but not withdrawn: {report.withdrawal_ignored}")
     assert not report.violations, f"seed {seed}: " + "\n".join(report.violations[:20])
     assert sum(report.outcomes[k] for k in DECISIONS) == 100
     assert report.outcomes["granted"] > 0 and report.outcomes["abandoned"] > 0
