@@ -17,12 +17,15 @@ Why the range differs at 8 kHz
 ``phi ** alpha`` has its fixed point at ``phi = 1 rad``.  At 16 kHz that is 2546 Hz; at 8 kHz
 it is 1273 Hz, right between the first and second formant.  With ``alpha < 1`` formants below
 1273 Hz move up and those above move down (the spectrum is squeezed towards 1273 Hz); the
-challenge's 16 kHz settings therefore do not transfer.  ``DEFAULT_COEFFICIENT_RANGE`` was
-picked from the trade-off curve in ``bench/anonymisation`` (see ``docs/anonymisation.md``).
+challenge's 16 kHz settings therefore do not transfer: squeezing F1 and F2 together costs
+intelligibility fast.  The defaults (``alpha`` in 0.80-0.90, or its reciprocal, which spreads
+the formants apart, each half of the time) were picked from the trade-off curve measured by
+``bench/anonymisation`` (see ``docs/anonymisation.md``).
 
 Randomness
 ----------
-``alpha`` (and the optional pitch shift) are drawn per call of :func:`anonymise` from
+``alpha``, its direction (``alpha`` or ``1/alpha``) and the optional pitch shift are drawn per
+call of :func:`anonymise` from
 ``secrets.SystemRandom`` unless a generator is passed (tests pass a seeded
 ``numpy.random.Generator``).  The drawn values are never returned, logged or stored.
 
@@ -95,8 +98,8 @@ class AnonymiserSettings:
     ``coefficient_range``: McAdams ``alpha`` is drawn uniformly from it per recording;
     ``bidirectional``: with probability 1/2 the reciprocal ``1/alpha`` is used instead, which
     spreads the formants away from 1 rad rather than squeezing them towards it (so even the
-    direction of the change is secret).  ``coefficient`` fixes it instead (benchmarks, audits; never the default: a fixed, known
-    coefficient makes the transform easier to learn).  ``pitch_semitones``: ``None`` for no
+    direction of the change is secret).  ``coefficient`` fixes it instead (benchmarks, audits;
+    never the default: a fixed, known coefficient makes the transform easy to learn).  ``pitch_semitones``: ``None`` for no
     pitch shift, else the magnitude range in semitones (random sign).
     """
 
