@@ -388,11 +388,17 @@ def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:
     return Path(recordings), Path(copies)
 
 
+def _pitch(args: argparse.Namespace) -> tuple[float, float] | None:
+    if getattr(args, "no_pitch", False):
+        return None
+    return tuple(args.pitch) if getattr(args, "pitch", None) else an.DEFAULT_PITCH_SEMITONES
+
+
 def _settings(args: argparse.Namespace) -> TrainingSettings:
     anonymiser = an.AnonymiserSettings(
         coefficient_range=tuple(args.range) if getattr(args, "range", None) else an.DEFAULT_COEFFICIENT_RANGE,
         bidirectional=not getattr(args, "no_reciprocal", False),
-        pitch_semitones=tuple(args.pitch) if getattr(args, "pitch", None) else None,
+        pitch_semitones=_pitch(args),
     )
     return TrainingSettings(anonymiser=anonymiser, anonymise_agent=getattr(args, "anonymise_agent", False))
 
@@ -445,7 +451,7 @@ def _cmd_anonymise(args: argparse.Namespace) -> int:
         coefficient_range=tuple(args.range) if args.range else an.DEFAULT_COEFFICIENT_RANGE,
         coefficient=args.coefficient,
         bidirectional=not args.no_reciprocal,
-        pitch_semitones=tuple(args.pitch) if args.pitch else None,
+        pitch_semitones=_pitch(args),
     )
     try:
         an.anonymise_file(args.input, args.output, settings)
@@ -466,8 +472,11 @@ def _add_voice_options(parser: argparse.ArgumentParser) -> None:
                              % an.DEFAULT_COEFFICIENT_RANGE)
     parser.add_argument("--no-reciprocal", action="store_true",
                         help="never use 1/alpha (by default half of the files get the reciprocal)")
-    parser.add_argument("--pitch", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                        help="also shift the pitch by LOW..HIGH semitones, random sign (e.g. 2 4)")
+    pitch = parser.add_mutually_exclusive_group()
+    pitch.add_argument("--pitch", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                       help="shift the pitch by LOW..HIGH semitones, random sign (default %g %g)"
+                            % an.DEFAULT_PITCH_SEMITONES)
+    pitch.add_argument("--no-pitch", action="store_true", help="no pitch shift (only the McAdams step)")
 
 
 def register_cli(subparsers: Any) -> None:

@@ -383,10 +383,10 @@ def main_conditions() -> list[Condition]:
     both = " or reciprocal" if an.DEFAULT_BIDIRECTIONAL else ""
     return [
         Condition("original", None),
-        Condition("McAdams fixed 0.8", an.AnonymiserSettings(coefficient=0.8)),
-        Condition(f"McAdams randomised {low:.2f}-{high:.2f}{both} (default)", an.AnonymiserSettings()),
-        Condition(f"McAdams randomised {low:.2f}-{high:.2f}{both} + pitch ±%g-%g st" % an.DEFAULT_PITCH_SEMITONES,
-                  an.AnonymiserSettings(pitch_semitones=an.DEFAULT_PITCH_SEMITONES)),
+        Condition("McAdams fixed 0.8", an.AnonymiserSettings(coefficient=0.8, pitch_semitones=None)),
+        Condition(f"McAdams randomised {low:.2f}-{high:.2f}{both}", an.AnonymiserSettings(pitch_semitones=None)),
+        Condition(f"McAdams randomised {low:.2f}-{high:.2f}{both} + pitch ±%g-%g st (default)"
+                  % an.DEFAULT_PITCH_SEMITONES, an.AnonymiserSettings()),
     ]
 
 
@@ -394,11 +394,12 @@ def tradeoff_conditions() -> list[Condition]:
     out = []
     for lo, hi in [(0.9, 1.0), (0.8, 0.9), (0.7, 0.8), (0.6, 0.7), (0.5, 0.6), (0.7, 0.9), (0.6, 0.8), (0.5, 0.8),
                    (1.1, 1.25), (1.25, 1.4)]:
-        out.append(Condition(f"range {lo:.2f}-{hi:.2f}", an.AnonymiserSettings(coefficient_range=(lo, hi),
-                                                                                bidirectional=False)))
+        out.append(Condition(f"range {lo:.2f}-{hi:.2f}", an.AnonymiserSettings(
+            coefficient_range=(lo, hi), bidirectional=False, pitch_semitones=None)))
     for lo, hi in [(0.85, 0.95), (0.8, 0.9), (0.75, 0.9), (0.7, 0.85)]:
         out.append(Condition(f"range {lo:.2f}-{hi:.2f} or reciprocal",
-                             an.AnonymiserSettings(coefficient_range=(lo, hi), bidirectional=True)))
+                             an.AnonymiserSettings(coefficient_range=(lo, hi), bidirectional=True,
+                                                   pitch_semitones=None)))
     for pitch in [(1.0, 2.0), (2.0, 4.0), (3.0, 6.0)]:
         out.append(Condition("range 0.80-0.90 or reciprocal + pitch ±%g-%g st" % pitch,
                              an.AnonymiserSettings(coefficient_range=(0.8, 0.9), bidirectional=True,
@@ -488,7 +489,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def pct(value: float | None, sd: float | None = None) -> str:
     if value is None:
         return "–"
-    return f"{100 * value:.1f} %" if not sd else f"{100 * value:.1f} ± {100 * sd:.1f} %"
+    return f"{100 * value:.1f} %" if not sd or sd < 5e-4 else f"{100 * value:.1f} ± {100 * sd:.1f} %"
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -57,7 +57,7 @@ def lpc_peak_hz(x: np.ndarray, below: float, above: float = 0.0) -> float:
 
 def test_output_differs_keeps_length_and_energy_and_has_no_nans() -> None:
     x = vowel()
-    squeeze = an.AnonymiserSettings(coefficient_range=(0.7, 0.9), bidirectional=False)
+    squeeze = an.AnonymiserSettings(coefficient_range=(0.7, 0.9), bidirectional=False, pitch_semitones=None)
     y = an.anonymise(x, RATE, squeeze, rng=np.random.default_rng(7))
     assert y.dtype == np.int16 and len(y) == len(x)
     assert np.all(np.isfinite(y.astype(float)))
@@ -95,7 +95,7 @@ def test_deterministic_with_a_seeded_generator_and_random_without() -> None:
 
 
 def test_coefficient_drawn_within_range() -> None:
-    settings = an.AnonymiserSettings(coefficient_range=(0.6, 0.8), bidirectional=False)
+    settings = an.AnonymiserSettings(coefficient_range=(0.6, 0.8), bidirectional=False, pitch_semitones=None)
     rng = np.random.default_rng(3)
     draws = [an.draw_parameters(settings, rng) for _ in range(200)]
     alphas = [alpha for alpha, _ in draws]
@@ -164,7 +164,8 @@ def test_pitch_option_output_is_sane() -> None:
     y = an.anonymise(x, RATE, settings, rng=np.random.default_rng(2))
     assert len(y) == len(x) and np.all(np.isfinite(y.astype(float)))
     assert rms(y) == pytest.approx(rms(x), rel=0.02)
-    assert not np.array_equal(y, an.anonymise(x, RATE, an.AnonymiserSettings(), rng=np.random.default_rng(2)))
+    plain = an.AnonymiserSettings(pitch_semitones=None)
+    assert not np.array_equal(y, an.anonymise(x, RATE, plain, rng=np.random.default_rng(2)))
 
 
 def test_edge_cases() -> None:
@@ -351,7 +352,7 @@ async def test_training_copy_end_to_end_on_files_and_ledger(tmp_path: Path, pg_d
     assert outcome.path.exists()
     row = dict(await db.fetchrow("SELECT * FROM training_copies WHERE copy_id = $1", outcome.copy_id))
     assert row == {"copy_id": outcome.copy_id, "period": "2026-11", "purpose": "training",
-                   "caller_leg": "mcadams", "agent_leg": "original", "method": training.METHOD,
+                   "caller_leg": "mcadams+pitch", "agent_leg": "original", "method": training.METHOD,
                    "delete_after": date(2026, 11, 1) + timedelta(days=90)}
     assert await db.fetchval("SELECT copy_id FROM training_copy_links WHERE recording_id = $1",
                              recording_id) == outcome.copy_id
