@@ -79,7 +79,8 @@ async def test_training_copy_from_a_real_call(
     files = training.RecordingFiles.of(asterisk.recordings_dir, recording_id)
     names = {p.name for p in files.all()}
     await wait_until(lambda: names <= recording_files(asterisk), 15, "the mixed file and both legs")
-    await wait_until(lambda: all(training.wav_is_closed(p, 1.0) for p in (files.caller, files.agent)), 20,
+    settle = training.TrainingSettings().settle_seconds  # what the command waits for, too
+    await wait_until(lambda: all(training.wav_is_closed(p, settle) for p in (files.caller, files.agent)), 20,
                      "Asterisk to close the legs")
     rate, caller_original = an.read_wav_mono(files.caller)
     _, agent_original = an.read_wav_mono(files.agent)
