@@ -64,7 +64,7 @@ class ConsentGateApp:
             case _:
                 channel_id = _channel_id(event)
                 session = self.sessions.get(channel_id) if channel_id else None
-                if session is not None:
+                if session is not None and not session.handed_over:
                     session.deliver(event)
                     if kind in ("StasisEnd", "ChannelDestroyed"):
                         self._schedule_cleanup(session)
@@ -82,7 +82,11 @@ class ConsentGateApp:
         args = event.get("args") or []
         purpose_name = str(args[0]) if args else ""
         if purpose_name == SNOOP_ARG:
-            return  # our own whisper channel, driven by its CallWatch
+            # Our own whisper channel: its CallWatch plays the notice once it is in Stasis.
+            for watch in self.watches.values():
+                if watch.snoop_started(channel_id):
+                    break
+            return
         caller = channel.get("caller") or {}
         call = CallInfo(
             call_id=channel_id,
@@ -92,7 +96,7 @@ class ConsentGateApp:
         session = CallSession(
             client=self.client, gate=self.gate, channel_id=channel_id, call=call,
             purposes=parse_purposes(purpose_name, self.gate.settings),
-            channel_name=str(channel.get("name") or ""), on_released=self._watch_call,
+            channel_name=str(channel.get("name") or ""), on_decided=self._watch_call,
         )
         self.sessions[channel_id] = session
         session.task = asyncio.create_task(self._run_session(session), name=f"call-{channel_id}")
@@ -107,8 +111,9 @@ class ConsentGateApp:
         playback_id = str((event.get("playback") or {}).get("id") or "")
         return any(watch.playback_finished(playback_id) for watch in self.watches.values())
 
-    def _watch_call(self, session: CallSession, result: DialogResult) -> None:
-        """The rest of the call: withdrawal, caller-records notice, secure pause, agent notices."""
+    async def _watch_call(self, session: CallSession, result: DialogResult) -> None:
+        """The rest of the call: withdrawal, caller-records notice, secure pause, agent notices.
+        Runs before the channel leaves Stasis: the subscription is in place before it does."""
         purpose = self.gate.settings.purpose(result.purpose)
         if purpose is None or result.status is Decision.ABANDONED:
             return
@@ -118,7 +123,11 @@ class ConsentGateApp:
             caller_records=result.caller_records,
         )
         watch = CallWatch(self.client, self.ami, self.gate, session.channel_id, session.channel_name, state)
+        await watch.subscribe_caller()
         self.watches[session.channel_id] = watch
+        for event in session.hand_over_events():
+            if event.get("type") == "ChannelDtmfReceived":
+                watch.deliver(event)  # keyed while the decision was being stored
         watch.task = asyncio.create_task(watch.run(), name=f"watch-{session.channel_id}")
         watch.task.add_done_callback(lambda _: self.watches.pop(session.channel_id, None))
 

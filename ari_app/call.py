@@ -15,7 +15,7 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import structlog
 
@@ -55,9 +55,10 @@ class CallSession:
     purposes: list[Purpose] | None
     source: str = "ari"
     channel_name: str = ""
-    # Called once the channel is back in the dialplan with a decision (the app starts the
-    # mid-call watcher from here).
-    on_released: Callable[["CallSession", DialogResult], None] | None = None
+    # Called with the decision before the channel goes back to the dialplan: the app starts the
+    # mid-call watcher (and its channel subscription) there, so no key is lost in between.
+    on_decided: Callable[["CallSession", DialogResult], Awaitable[None]] | None = None
+    handed_over: bool = False
     state: DialogState = field(default_factory=DialogState)
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     pending_keys: collections.deque[str] = field(default_factory=collections.deque)
@@ -148,12 +149,20 @@ class CallSession:
 
     async def _hand_back(self, result: DialogResult) -> None:
         """Set the result variables (status last: it is what the dialplan acts on) and continue."""
+        if self.on_decided is not None:
+            await self.on_decided(self, result)
         for name, value in result.channel_variables().items():
             await self.client.set_var(self.channel_id, name, value)
         await self.client.continue_in_dialplan(self.channel_id)
         self.released = True
-        if self.on_released is not None:
-            self.on_released(self, result)
+
+    def hand_over_events(self) -> list[dict[str, Any]]:
+        """From now on the channel's events go to its watcher; returns what is still queued."""
+        self.handed_over = True
+        pending = []
+        while not self.queue.empty():
+            pending.append(self.queue.get_nowait())
+        return pending
 
     async def _release_unavailable(self) -> None:
         """Shielded, time-limited: put the channel back into the dialplan without a recording."""

@@ -39,6 +39,7 @@ log = structlog.get_logger(__name__)
 
 SNOOP_ARG = "consent-gate-whisper"
 WHISPER_TIMEOUT = 30.0
+WHISPER_READY_TIMEOUT = 5.0
 
 
 @dataclass
@@ -59,6 +60,8 @@ class CallWatch:
     notice_chain: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     # Whisper playbacks in progress, finished by the app's PlaybackFinished routing.
     playbacks: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    # Snoop channels being created: ready once their StasisStart arrives (play before it is refused).
+    snoops: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     _resume_timer: asyncio.Task[None] | None = None
     ended: bool = False
 
@@ -75,7 +78,6 @@ class CallWatch:
     async def run(self) -> None:
         bound = log.bind(call_id=self.state.call.call_id, consent_id=self.state.consent_id)
         try:
-            await self._subscribe(f"channel:{self.channel_id}")
             while not self.ended:
                 event = await self.queue.get()
                 try:
@@ -198,20 +200,31 @@ class CallWatch:
             return
         snoop_id = f"cg-snoop-{uuid.uuid4().hex[:16]}"
         playback_id = f"cg-{uuid.uuid4().hex}"
-        finished = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+        ready = self.snoops[snoop_id] = loop.create_future()
         self.playbacks[playback_id] = finished
         try:
             await self.client.request("POST", f"/channels/{channel_id}/snoop", params={
                 "app": self.app, "appArgs": SNOOP_ARG, "spy": "none", "whisper": "out", "snoopId": snoop_id})
+            await asyncio.wait_for(ready, WHISPER_READY_TIMEOUT)
             await self.client.play(snoop_id, f"sound:{prompt.media}", playback_id=playback_id)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(finished, WHISPER_TIMEOUT)
-        except AriError as error:
-            log.warning("midcall.whisper_failed", prompt=prompt_name, error=str(error))
+        except (AriError, asyncio.TimeoutError) as error:
+            log.warning("midcall.whisper_failed", prompt=prompt_name, error=str(error) or "snoop not ready")
         finally:
             self.playbacks.pop(playback_id, None)
+            self.snoops.pop(snoop_id, None)
             with contextlib.suppress(AriError):
                 await self.client.hangup(snoop_id)
+
+    def snoop_started(self, snoop_id: str) -> bool:
+        ready = self.snoops.get(snoop_id)
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+            return True
+        return False
 
     def playback_finished(self, playback_id: str) -> bool:
         finished = self.playbacks.get(playback_id)
@@ -219,6 +232,11 @@ class CallWatch:
             finished.set_result(None)
             return True
         return False
+
+    async def subscribe_caller(self) -> None:
+        """Keys and bridge changes of the caller's channel for the rest of the call (also once it
+        has left Stasis)."""
+        await self._subscribe(f"channel:{self.channel_id}")
 
     async def _subscribe(self, source: str) -> None:
         log.debug("midcall.subscribe", source=source)
