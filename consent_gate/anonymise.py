@@ -19,7 +19,7 @@ it is 1273 Hz, right between the first and second formant.  With ``alpha < 1`` f
 1273 Hz move up and those above move down (the spectrum is squeezed towards 1273 Hz); the
 challenge's 16 kHz settings therefore do not transfer: squeezing F1 and F2 together costs
 intelligibility fast.  The defaults (``alpha`` in 0.80-0.90, or its reciprocal, which spreads
-the formants apart, each half of the time, plus a ±1-2 semitone pitch shift) were picked from the trade-off curve measured by
+the formants apart, each half of the time; no pitch shift unless asked for) were picked from the trade-off curve measured by
 ``bench/anonymisation`` (see ``docs/anonymisation.md``).
 
 Randomness
@@ -29,8 +29,8 @@ call of :func:`anonymise` from
 ``secrets.SystemRandom`` unless a generator is passed (tests pass a seeded
 ``numpy.random.Generator``).  The drawn values are never returned, logged or stored.
 
-Pitch shift (default ±1-2 semitones; ``pitch_semitones=None`` turns it off)
---------------------------------------------------------------------------
+Pitch shift (optional; ``DEFAULT_PITCH_SEMITONES`` = ±1-2 semitones when asked for)
+-------------------------------------------------------------------------------------
 With ``pitch_semitones`` set, the residual (not the speech: the formant envelope stays where
 the McAdams step put it) is time-stretched by WSOLA and resampled back to its length, which
 moves the pitch by the drawn number of semitones and keeps the duration.
@@ -75,8 +75,8 @@ FIXED_POINT_RAD = 1.0
 DEFAULT_COEFFICIENT_RANGE: tuple[float, float] = (0.80, 0.90)
 #: Whether alpha is replaced by 1/alpha with probability 1/2 (see AnonymiserSettings).
 DEFAULT_BIDIRECTIONAL = True
-#: Magnitude range of the random pitch shift, in semitones (the sign is random too); on by
-#: default because it lowered identification at no measurable digit-error cost (bench).
+#: Magnitude range of the optional pitch shift, in semitones (the sign is random too).  Off by
+#: default: it lowers identification further but costs about two points of digit error (bench).
 DEFAULT_PITCH_SEMITONES: tuple[float, float] = (1.0, 2.0)
 _EPS = 1e-10
 
@@ -107,7 +107,7 @@ class AnonymiserSettings:
     coefficient_range: tuple[float, float] = DEFAULT_COEFFICIENT_RANGE
     coefficient: float | None = None
     bidirectional: bool = DEFAULT_BIDIRECTIONAL
-    pitch_semitones: tuple[float, float] | None = DEFAULT_PITCH_SEMITONES
+    pitch_semitones: tuple[float, float] | None = None
     lpc_order: int = 12
     frame_ms: float = 20.0  # analysis frame; the hop is half of it
 

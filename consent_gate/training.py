@@ -389,9 +389,9 @@ def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def _pitch(args: argparse.Namespace) -> tuple[float, float] | None:
-    if getattr(args, "no_pitch", False):
-        return None
-    return tuple(args.pitch) if getattr(args, "pitch", None) else an.DEFAULT_PITCH_SEMITONES
+    if getattr(args, "with_pitch", False):
+        return an.DEFAULT_PITCH_SEMITONES
+    return tuple(args.pitch) if getattr(args, "pitch", None) else None
 
 
 def _settings(args: argparse.Namespace) -> TrainingSettings:
@@ -473,10 +473,11 @@ def _add_voice_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reciprocal", action="store_true",
                         help="never use 1/alpha (by default half of the files get the reciprocal)")
     pitch = parser.add_mutually_exclusive_group()
+    pitch.add_argument("--with-pitch", action="store_true",
+                       help="also shift the pitch by ±%g-%g semitones (random), for more privacy and "
+                            "slightly more digit errors" % an.DEFAULT_PITCH_SEMITONES)
     pitch.add_argument("--pitch", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                       help="shift the pitch by LOW..HIGH semitones, random sign (default %g %g)"
-                            % an.DEFAULT_PITCH_SEMITONES)
-    pitch.add_argument("--no-pitch", action="store_true", help="no pitch shift (only the McAdams step)")
+                       help="also shift the pitch by LOW..HIGH semitones, random sign")
 
 
 def register_cli(subparsers: Any) -> None:

@@ -384,9 +384,9 @@ def main_conditions() -> list[Condition]:
     return [
         Condition("original", None),
         Condition("McAdams fixed 0.8", an.AnonymiserSettings(coefficient=0.8, pitch_semitones=None)),
-        Condition(f"McAdams randomised {low:.2f}-{high:.2f}{both}", an.AnonymiserSettings(pitch_semitones=None)),
-        Condition(f"McAdams randomised {low:.2f}-{high:.2f}{both} + pitch ±%g-%g st (default)"
-                  % an.DEFAULT_PITCH_SEMITONES, an.AnonymiserSettings()),
+        Condition(f"McAdams randomised {low:.2f}-{high:.2f}{both} (default)", an.AnonymiserSettings()),
+        Condition(f"McAdams randomised {low:.2f}-{high:.2f}{both} + pitch ±%g-%g st" % an.DEFAULT_PITCH_SEMITONES,
+                  an.AnonymiserSettings(pitch_semitones=an.DEFAULT_PITCH_SEMITONES)),
     ]
 
 

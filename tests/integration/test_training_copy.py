@@ -142,7 +142,7 @@ async def test_training_copy_from_a_real_call(
         await connection.close()
     assert set(row) == {"copy_id", "period", "purpose", "caller_leg", "agent_leg", "method", "delete_after"}
     assert row["period"] == f"{today.year:04d}-{today.month:02d}"
-    assert (row["purpose"], row["caller_leg"], row["agent_leg"]) == ("training", "mcadams+pitch", "original")
+    assert (row["purpose"], row["caller_leg"], row["agent_leg"]) == ("training", "mcadams", "original")
     for value in map(str, row.values()):
         for secret in (recording_id, call.result.consent_id, test_tag, "4512345678"):
             assert secret not in value

@@ -352,7 +352,7 @@ async def test_training_copy_end_to_end_on_files_and_ledger(tmp_path: Path, pg_d
     assert outcome.path.exists()
     row = dict(await db.fetchrow("SELECT * FROM training_copies WHERE copy_id = $1", outcome.copy_id))
     assert row == {"copy_id": outcome.copy_id, "period": "2026-11", "purpose": "training",
-                   "caller_leg": "mcadams+pitch", "agent_leg": "original", "method": training.METHOD,
+                   "caller_leg": "mcadams", "agent_leg": "original", "method": training.METHOD,
                    "delete_after": date(2026, 11, 1) + timedelta(days=90)}
     assert await db.fetchval("SELECT copy_id FROM training_copy_links WHERE recording_id = $1",
                              recording_id) == outcome.copy_id
