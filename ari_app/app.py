@@ -23,6 +23,8 @@ log = structlog.get_logger(__name__)
 
 # After StasisEnd a session gets this long to finish its shielded work before it is cancelled.
 CLEANUP_GRACE = 5.0
+# Longer than the longest prompt a dead process may have left playing.
+ORPHAN_RELEASE_TIMEOUT = 60.0
 
 
 @dataclass
@@ -69,17 +71,17 @@ class ConsentGateApp:
                     if kind in ("StasisEnd", "ChannelDestroyed"):
                         self._schedule_cleanup(session)
                     return
-                bridge_id = str((event.get("bridge") or {}).get("id") or "")
+                bridge_id = str(_object(event.get("bridge")).get("id") or "")
                 for watch in self.watches.values():
                     if channel_id in watch.channel_ids() or (bridge_id and bridge_id in watch.bridges):
                         watch.deliver(event)
 
     def _on_stasis_start(self, event: dict[str, Any]) -> None:
-        channel = event.get("channel") or {}
+        channel = _object(event.get("channel"))
         channel_id = str(channel.get("id") or "")
         if not channel_id or channel_id in self.sessions:
             return
-        args = event.get("args") or []
+        args = event.get("args") if isinstance(event.get("args"), list) else []
         purpose_name = str(args[0]) if args else ""
         if purpose_name == SNOOP_ARG:
             # Our own whisper channel: its CallWatch plays the notice once it is in Stasis.
@@ -87,7 +89,7 @@ class ConsentGateApp:
                 if watch.snoop_started(channel_id):
                     break
             return
-        caller = channel.get("caller") or {}
+        caller = _object(channel.get("caller"))
         call = CallInfo(
             call_id=channel_id,
             caller_number=str(caller.get("number") or ""),
@@ -108,7 +110,7 @@ class ConsentGateApp:
             self.sessions.pop(session.channel_id, None)
 
     def _whisper_finished(self, event: dict[str, Any]) -> bool:
-        playback_id = str((event.get("playback") or {}).get("id") or "")
+        playback_id = str(_object(event.get("playback")).get("id") or "")
         return any(watch.playback_finished(playback_id) for watch in self.watches.values())
 
     async def _watch_call(self, session: CallSession, result: DialogResult) -> None:
@@ -168,10 +170,25 @@ class ConsentGateApp:
                                               params={"eventSource": f"channel:{channel_id}"})
                 continue
             log.warning("ari.orphan_released", channel=channel_id)
-            with contextlib.suppress(AriError):
-                await self.client.set_var(channel_id, "CONSENT_RECORDING_ID", "")
-                await self.client.set_var(channel_id, "CONSENT_STATUS", "unavailable")
-                await self.client.continue_in_dialplan(channel_id)
+            # Its own task: ARI runs these behind the dead process's playback (up to the prompt's
+            # length), and new calls' events must not wait for that.
+            release = asyncio.create_task(self._release_orphan(channel_id), name=f"orphan-{channel_id}")
+            self._reapers.add(release)
+            release.add_done_callback(self._reapers.discard)
+
+    async def _release_orphan(self, channel_id: str) -> None:
+        """Fail closed, then continue: the commands queue behind any playback still running and
+        run in order once it ends, so the status is set before the dialplan reads it."""
+        try:
+            await self.client.request("POST", f"/channels/{channel_id}/variable", timeout=ORPHAN_RELEASE_TIMEOUT,
+                                      params={"variable": "CONSENT_RECORDING_ID", "value": ""})
+            await self.client.request("POST", f"/channels/{channel_id}/variable", timeout=ORPHAN_RELEASE_TIMEOUT,
+                                      params={"variable": "CONSENT_STATUS", "value": "unavailable"})
+        except AriError as error:
+            log.warning("ari.orphan_vars_failed", channel=channel_id, error=str(error))
+            return  # never continue a channel whose status could still say "granted"
+        with contextlib.suppress(AriError):
+            await self.client.continue_in_dialplan(channel_id)
 
     @property
     def client_app(self) -> str:
@@ -188,6 +205,11 @@ class ConsentGateApp:
             reaper.cancel()
         if self._reapers:
             await asyncio.wait(list(self._reapers), timeout=1)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """A sub-object of an event, or {} when a malformed frame put something else there."""
+    return value if isinstance(value, dict) else {}
 
 
 def _channel_id(event: dict[str, Any]) -> str | None:

@@ -88,8 +88,8 @@ class CallSession:
             match event.get("type"):
                 case "PlaybackFinished" if event.get("playback", {}).get("id") == playback_id:
                     return None
-                case "ChannelDtmfReceived":
-                    digit = str(event.get("digit", ""))
+                case "ChannelDtmfReceived" if event.get("digit"):
+                    digit = str(event.get("digit"))
                     if stop_keys and digit in stop_keys:
                         await self.client.stop_playback(playback_id)
                         return digit
@@ -108,8 +108,8 @@ class CallSession:
             event = await self._next_event(remaining)
             if event.get("type") == "Timeout":
                 return None
-            if event.get("type") == "ChannelDtmfReceived":
-                return str(event.get("digit", ""))
+            if event.get("type") == "ChannelDtmfReceived" and event.get("digit"):
+                return str(event.get("digit"))
 
     async def _next_event(self, timeout: float | None) -> dict[str, Any]:
         if self.hung_up and self.queue.empty():

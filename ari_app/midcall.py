@@ -90,11 +90,11 @@ class CallWatch:
             await self._cleanup()
 
     async def _handle(self, event: dict[str, Any]) -> None:
-        channel = (event.get("channel") or {}).get("id")
+        channel = event["channel"].get("id") if isinstance(event.get("channel"), dict) else None
         log.debug("midcall.event", type=event.get("type"), channel=channel)
         match event.get("type"):
             case "ChannelEnteredBridge":
-                bridge = event.get("bridge") or {}
+                bridge = event.get("bridge") if isinstance(event.get("bridge"), dict) else {}
                 await self._on_bridge(bridge, channel)
             case "ChannelVarset" if event.get("variable") == "BRIDGEPEER" and channel == self.channel_id:
                 # Bridge events come on the bridge's topic, not the channel's; Asterisk sets

@@ -146,7 +146,7 @@ class AriClient:
 
     async def request(
         self, method: str, path: str, *, params: dict[str, Any] | None = None,
-        json: Any = None, gone_ok: bool = False,
+        json: Any = None, gone_ok: bool = False, timeout: float | None = None,
     ) -> Any:
         """Call ARI: path like "/channels/ID/answer" (ids already quoted by the caller).
 
@@ -159,9 +159,10 @@ class AriClient:
         # encoded=True: the wrappers already quoted the ids; yarl must not re-quote them.
         url = URL(self._rest_base + path, encoded=True)
         try:
-            timeout = aiohttp.ClientTimeout(total=self._config.request_timeout)
+            # A per-call timeout for commands ARI queues behind a playback (orphan release).
+            limit = aiohttp.ClientTimeout(total=timeout or self._config.request_timeout)
             async with session.request(
-                method, url, params=_clean_params(params), json=json, timeout=timeout
+                method, url, params=_clean_params(params), json=json, timeout=limit
             ) as resp:
                 status = resp.status
                 body = _decode_body(await resp.read())
@@ -315,7 +316,7 @@ def _parse_event(data: str) -> dict[str, Any] | None:
     """Decode one text frame; malformed ones are logged and dropped (never crash the loop)."""
     try:
         event = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         log.warning("ari.ws.bad_frame", problem="not JSON", frame=data[:200])
         return None
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
