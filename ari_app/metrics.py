@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 PORT_ENV = "CONSENT_GATE_METRICS_PORT"
+# Diagnostics for soaks only: CONSENT_GATE_TRACEMALLOC=1 adds /debug/memory (top allocation
+# growth since start, by source line).  Costs CPU and memory; never set it in production.
+TRACEMALLOC_ENV = "CONSENT_GATE_TRACEMALLOC"
 LISTEN_HOST = "127.0.0.1"
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -158,6 +161,7 @@ class Exporter:
         self.ledger = ledger
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
+        self._baseline: Any = None
 
     def refresh(self) -> None:
         """Gauges that are read, not counted: sampled at scrape time."""
@@ -177,9 +181,28 @@ class Exporter:
         body = await asyncio.to_thread(generate_latest, REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _memory(self, _request: web.Request) -> web.Response:
+        import tracemalloc
+
+        def report() -> str:
+            now = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+            stats = now.compare_to(self._baseline, "lineno") if self._baseline is not None else now.statistics("lineno")
+            current, peak = tracemalloc.get_traced_memory()
+            lines = [f"traced {current / 1024:.0f} KiB (peak {peak / 1024:.0f} KiB); growth since start, top 25:"]
+            lines += [str(stat) for stat in stats[:25]]
+            return "\n".join(lines) + "\n"
+
+        return web.Response(text=await asyncio.to_thread(report))
+
     async def start(self, port: int) -> None:
         server = web.Application()
         server.router.add_get("/metrics", self._metrics)
+        if os.environ.get(TRACEMALLOC_ENV) == "1":
+            import tracemalloc
+
+            tracemalloc.start(1)
+            self._baseline = tracemalloc.take_snapshot()
+            server.router.add_get("/debug/memory", self._memory)
         runner = web.AppRunner(server, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, LISTEN_HOST, port)

@@ -74,7 +74,10 @@ async def sample(rig: loadlib.Rig, port: int, started: float) -> dict[str, float
 
 async def main_async(args: argparse.Namespace) -> int:
     port = free_port()
-    rig = loadlib.Rig(args.work_dir, args.pg_port, extra_env={"CONSENT_GATE_METRICS_PORT": str(port)})
+    extra = {"CONSENT_GATE_METRICS_PORT": str(port)}
+    if args.tracemalloc:
+        extra["CONSENT_GATE_TRACEMALLOC"] = "1"
+    rig = loadlib.Rig(args.work_dir, args.pg_port, extra_env=extra)
     await rig.start()
     samples: list[dict] = []
     try:
@@ -113,6 +116,12 @@ async def main_async(args: argparse.Namespace) -> int:
         await asyncio.sleep(3)  # reapers and websocket bookkeeping settle
         end = await sample(rig, port, started)
         print("end:", end, flush=True)
+        memory = None
+        if args.tracemalloc:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/debug/memory") as response:
+                    memory = await response.text()
+            print(memory, flush=True)
         for name in rig.recordings() - before_files:
             (rig.asterisk.recordings_dir / name).unlink(missing_ok=True)
     finally:
@@ -139,7 +148,8 @@ async def main_async(args: argparse.Namespace) -> int:
     print(json.dumps(verdict, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                                    "verdict": verdict, "idle": idle, "end": end, "samples": samples},
+                                    "verdict": verdict, "idle": idle, "end": end, "samples": samples,
+                                    **({"tracemalloc_top": memory.splitlines()} if memory else {})},
                                    indent=2) + "\n")
     return 0 if verdict["flat"] else 1
 
@@ -149,6 +159,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="run the service with tracemalloc and save its top allocation growth at the end")
     parser.add_argument("--pg-port", type=int, default=int(os.environ.get("CONSENT_GATE_TEST_PG_PORT", "26132")))
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/consent-gate-soak"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "result.json")

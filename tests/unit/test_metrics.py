@@ -156,3 +156,25 @@ async def test_unset_port_means_no_endpoint_and_a_busy_port_does_not_stop_the_se
         assert exporter.port is None
         await exporter.close()
     await asyncio.sleep(0)
+
+
+async def test_tracemalloc_diagnostics_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    exporter = await metrics.start_exporter(None, None, env={metrics.PORT_ENV: "0"})
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{exporter.port}/debug/memory") as response:
+                assert response.status == 404
+    finally:
+        await exporter.close()
+    monkeypatch.setenv(metrics.TRACEMALLOC_ENV, "1")
+    exporter = await metrics.start_exporter(None, None, env={metrics.PORT_ENV: "0"})
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{exporter.port}/debug/memory") as response:
+                assert response.status == 200
+                assert (await response.text()).startswith("traced ")
+    finally:
+        await exporter.close()
+        tracemalloc.stop()
