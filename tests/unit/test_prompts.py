@@ -46,10 +46,15 @@ EXPECTED_NAMES = {
 LANGS = ("da", "en")
 SHIPPED_WAVS = sorted(SOUNDS.glob("*/*.wav"))
 
-needs_tools = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None or shutil.which("sox") is None,
-    reason="espeak-ng and sox are needed to build prompts (Debian: apt-get install espeak-ng sox)",
-)
+@pytest.fixture
+def prompt_tools() -> None:
+    """Building prompts needs espeak-ng and sox: a missing tool fails the test, never skips it."""
+    missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} needed to build prompts (Debian: apt-get install espeak-ng sox)")
+
+
+needs_tools = pytest.mark.usefixtures("prompt_tools")
 
 
 def sha256(path: Path) -> str:
