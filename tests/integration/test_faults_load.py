@@ -276,7 +276,9 @@ def check_invariant(calls: list[LocalCall], events: dict[str, list[dict]], new_f
         if began and not granted:
             report.violations.append(f"{call.tag} ({call.kind}): MixMonitor began without a grant")
         if granted and not withdrawn and "*0" in call.keys2:
+            # Withdrawal must be as easy as consent: a *0 keyed while the caller is still there counts.
             report.withdrawal_ignored.append(call.tag)
+            report.violations.append(f"{call.tag} ({call.kind}): *0 after the grant, but no withdrawal")
         if granted and not withdrawn:
             if began and not has_file:
                 report.violations.append(f"{call.tag} ({call.kind}): granted, MixMonitor began, no file")
