@@ -225,20 +225,34 @@ def _split_hostport(value: str) -> tuple[str, int | None]:
     return host, None
 
 
+_PORT_PICK_ATTEMPTS = 5
+
+
 def _free_port(host: str) -> int:
-    """A port free for both UDP and TCP on ``host`` (baresip listens on both)."""
+    """A port free for baresip's SIP listeners on ``host``.
+
+    baresip binds UDP and TCP on the port and TLS (TCP) on port + 1, so all
+    three must be free.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(50):
         with socket.socket(family, socket.SOCK_DGRAM) as udp:
             udp.bind((host, 0))
-            port = udp.getsockname()[1]
-            with socket.socket(family, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return int(port)
+            port = int(udp.getsockname()[1])
+            if port >= 65535:
+                continue
+            if _tcp_free(family, host, port) and _tcp_free(family, host, port + 1):
+                return port
     raise SoftphoneError(f"no free SIP port found on {host}")
+
+
+def _tcp_free(family: socket.AddressFamily, host: str, port: int) -> bool:
+    with socket.socket(family, socket.SOCK_STREAM) as tcp:
+        try:
+            tcp.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _local_ip_toward(host: str) -> str:
@@ -345,8 +359,26 @@ class Softphone:
                 "a Softphone is already open in this process; baresip allows one "
                 "runtime per process - reuse it (Softphone.current()) for more lines"
             )
-        if not self._port:
-            self._port = _free_port(self._host)
+        if self._port:
+            runtime = await self._start_runtime(bs)
+        else:
+            # A probed port can be taken by another process before baresip
+            # binds it; probe again rather than fail the caller.
+            for attempt in range(1, _PORT_PICK_ATTEMPTS + 1):
+                self._port = _free_port(self._host)
+                try:
+                    runtime = await self._start_runtime(bs)
+                    break
+                except bs.BaresipError as exc:
+                    if "in use" not in str(exc) or attempt == _PORT_PICK_ATTEMPTS:
+                        raise
+                    logger.info("SIP port %s taken meanwhile, picking another", self._port)
+        runtime.subscribe(self._on_stack_event)
+        self._runtime = runtime
+        Softphone._current = self
+        logger.info("softphone listening on %s", self.address)
+
+    async def _start_runtime(self, bs: Any) -> baresip.Runtime:
         extra = [f"sip_listen {self.address}"]
         if self._rtp_ports:
             lo, hi = self._rtp_ports
@@ -364,10 +396,7 @@ class Softphone:
         )
         runtime = bs.Runtime(native_log_level=self._native_log_level)
         await runtime.start(config)
-        runtime.subscribe(self._on_stack_event)
-        self._runtime = runtime
-        Softphone._current = self
-        logger.info("softphone listening on %s", self.address)
+        return runtime
 
     async def close(self) -> None:
         """Hang up live calls, unregister lines, stop the SIP stack."""
