@@ -27,6 +27,7 @@ from consent_gate.dialog import (
     CallerHungUp,
     CallInfo,
     DialogResult,
+    RESULT_VARIABLE,
     DialogState,
     GateContext,
     PromptRef,
@@ -79,8 +80,7 @@ class AgiPort:
         return key or None
 
     async def set_result(self, result: DialogResult) -> None:
-        for name, value in result.channel_variables().items():
-            await self._call(self.agi.set_variable, name, value)
+        await self._call(self.agi.set_variable, RESULT_VARIABLE, result.packed())
 
 
 async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from consent_gate.dialog import CallInfo, DialogResult, GateContext, parse_purposes
+from consent_gate.dialog import RESULT_VARIABLE, CallInfo, DialogResult, GateContext, parse_purposes
 from consent_gate.events import Decision
 from consent_gate.midcall import MidCallState
 
@@ -180,13 +180,13 @@ class ConsentGateApp:
         """Fail closed, then continue: the commands queue behind any playback still running and
         run in order once it ends, so the status is set before the dialplan reads it."""
         try:
+            # An empty result: the dialplan keeps the "unavailable" it set before Stasis, even if
+            # the dead process had already handed back a grant.
             await self.client.request("POST", f"/channels/{channel_id}/variable", timeout=ORPHAN_RELEASE_TIMEOUT,
-                                      params={"variable": "CONSENT_RECORDING_ID", "value": ""})
-            await self.client.request("POST", f"/channels/{channel_id}/variable", timeout=ORPHAN_RELEASE_TIMEOUT,
-                                      params={"variable": "CONSENT_STATUS", "value": "unavailable"})
+                                      params={"variable": RESULT_VARIABLE, "value": ""})
         except AriError as error:
             log.warning("ari.orphan_vars_failed", channel=channel_id, error=str(error))
-            return  # never continue a channel whose status could still say "granted"
+            return  # never continue a channel whose result could still say "granted"
         with contextlib.suppress(AriError):
             await self.client.continue_in_dialplan(channel_id)
 

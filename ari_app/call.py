@@ -24,6 +24,7 @@ from consent_gate.dialog import (
     CallerHungUp,
     CallInfo,
     DialogResult,
+    RESULT_VARIABLE,
     DialogState,
     GateContext,
     PromptRef,
@@ -148,11 +149,10 @@ class CallSession:
             metrics.observe_call(self)
 
     async def _hand_back(self, result: DialogResult) -> None:
-        """Set the result variables (status last: it is what the dialplan acts on) and continue."""
+        """Hand the result back in one variable (one request, atomic) and continue."""
         if self.on_decided is not None:
             await self.on_decided(self, result)
-        for name, value in result.channel_variables().items():
-            await self.client.set_var(self.channel_id, name, value)
+        await self.client.set_var(self.channel_id, RESULT_VARIABLE, result.packed())
         await self.client.continue_in_dialplan(self.channel_id)
         self.released = True
 
@@ -173,8 +173,8 @@ class CallSession:
 
         async def release() -> None:
             with contextlib.suppress(AriError, OSError, asyncio.TimeoutError):
-                await self.client.set_var(self.channel_id, "CONSENT_RECORDING_ID", "")
-                await self.client.set_var(self.channel_id, "CONSENT_STATUS", "unavailable")
+                # No result: the dialplan keeps the "unavailable" it set before Stasis.
+                await self.client.set_var(self.channel_id, RESULT_VARIABLE, "")
             with contextlib.suppress(AriError, OSError, asyncio.TimeoutError):
                 await self.client.continue_in_dialplan(self.channel_id)
 

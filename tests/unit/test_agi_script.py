@@ -27,8 +27,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from consent_gate.dialog import DTMF_STOP_KEYS, DialogResult
-from consent_gate.events import Decision
+from consent_gate.dialog import DTMF_STOP_KEYS, RESULT_FIELDS, RESULT_SEPARATOR
 from consent_gate.journal import Journal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,8 +35,6 @@ SOUNDS = "/snd/consent-gate"  # as Asterisk would see the prompts: only a string
 HMAC_KEY = "agi-test-hmac-key-0123456789abcdef"
 STEP_TIMEOUT = 20.0  # seconds for the script to write its next command (includes start-up)
 
-# The order in which the result variables are set (status last), from the shared core.
-RESULT_VARIABLES = list(DialogResult(Decision.GRANTED, "id", "0" * 32, None).channel_variables())
 
 
 def _entry_point() -> list[str]:
@@ -183,15 +180,11 @@ WAIT = "WAIT FOR DIGIT 5000"
 
 
 def _results(session: AgiSession) -> dict[str, str]:
-    """Answer every SET VARIABLE until CONSENT_STATUS; check order and return the values."""
-    values: dict[str, str] = {}
-    while True:
-        match = session.expect(r'SET VARIABLE "(\w+)" "(.*)"', "200 result=1")
-        values[match[1]] = match[2]
-        if match[1] == "CONSENT_STATUS":
-            break
-    assert list(values) == RESULT_VARIABLES, "every result variable, in the shared order, status last"
-    return values
+    """Answer the one SET VARIABLE of the packed result and unpack it as the dialplan does."""
+    match = session.expect(r'SET VARIABLE "CONSENT_RESULT" "(.*)"', "200 result=1")
+    fields = match[1].split(RESULT_SEPARATOR)
+    assert len(fields) == len(RESULT_FIELDS), f"one field per result variable: {match[1]!r}"
+    return dict(zip(RESULT_FIELDS, fields, strict=True))
 
 
 def _answer(session: AgiSession) -> None:
@@ -305,7 +298,7 @@ async def test_dead_channel_while_setting_results_keeps_the_decision(agi_rig: Ag
     session = agi_rig.start(call_id=call_id)
     _answer(session)
     session.expect(QUESTION, "200 result=50 endpos=100")
-    session.expect(r'SET VARIABLE "CONSENT_ID" ".*"', "511 Command Not Permitted on a dead channel or intercept routine")
+    session.expect(r'SET VARIABLE "CONSENT_RESULT" ".*"', "511 Command Not Permitted on a dead channel or intercept routine")
     assert session.finish() == (0, [])
     assert [r["event"] for r in await ledger_rows(call_id)] == ["declined"]
 

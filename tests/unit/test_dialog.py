@@ -31,6 +31,8 @@ from consent_gate.dialog import (
     GateContext,
     Phase,
     PromptRef,
+    RESULT_FIELDS,
+    RESULT_SEPARATOR,
     run_consent_dialog,
 )
 from consent_gate.events import ConsentEvent, Decision, EventKind, caller_reference
@@ -626,3 +628,18 @@ async def test_long_call_ids_fit_the_ledger(pg_ledger: Ledger) -> None:
     call = CallInfo(call_id="x" * 100, caller_number=CALLER, language="en")
     result = await run_consent_dialog(ScriptedPort(Play(Q, "1")), call, settings.purposes["training"], gate)
     assert result.status is Decision.GRANTED  # stored in the database, not refused by its CHECK
+
+
+def test_the_packed_result_holds_every_variable_in_order_status_last() -> None:
+    result = DialogResult(Decision.GRANTED, "c" * 32, "r" * 32, None, caller_records=True,
+                          purpose="documentation", purposes=["documentation", "training"])
+    fields = result.packed().split(RESULT_SEPARATOR)
+    assert dict(zip(RESULT_FIELDS, fields, strict=True)) == result.channel_variables()
+    assert fields[-1] == "granted" and RESULT_FIELDS[-1] == "CONSENT_STATUS"
+    assert fields[6] == "documentation,training"
+
+
+def test_a_value_with_the_separator_is_refused_not_packed() -> None:
+    bad = PromptRef(name="granted", language="en", media="/snd:x/en/granted", version="v")
+    with pytest.raises(ValueError, match="CONSENT_CONFIRMATION"):
+        DialogResult(Decision.DECLINED, "c" * 32, None, bad).packed()

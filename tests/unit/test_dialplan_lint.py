@@ -133,3 +133,20 @@ def test_sample_fragments_bind_to_loopback_only(name: str) -> None:
         if key in ("password", "secret"):
             # A placeholder that Asterisk would accept must never look like a usable default.
             assert value.startswith("CHANGE-ME"), line
+
+
+def test_apply_unpacks_the_result_in_the_core_field_order() -> None:
+    """[consent-gate-apply] and DialogResult.packed() agree on the fields: field N of the CUT()
+    goes to RESULT_FIELDS[N-1], status last, and an unknown status cannot pass through."""
+    from consent_gate.dialog import RESULT_FIELDS, RESULT_SEPARATOR, RESULT_VARIABLE
+
+    text = (ROOT / "dialplan" / "consent-gate.conf").read_text()
+    apply = text.split("\n[consent-gate-apply]\n", 1)[1].split("\n[", 1)[0]
+    cut = re.compile(rf"Set\((LOCAL\(status\)|\w+)=\$\{{CUT\({RESULT_VARIABLE},{re.escape(RESULT_SEPARATOR)},(\d+)\)\}}\)")
+    unpacked = {int(field): name for name, field in cut.findall(apply)}
+    assert sorted(unpacked) == list(range(1, len(RESULT_FIELDS) + 1))
+    expected = dict(enumerate(RESULT_FIELDS, start=1))
+    expected[len(RESULT_FIELDS)] = "LOCAL(status)"  # the status is checked before it is set
+    assert unpacked == expected
+    assert 'REGEX("^(granted|declined|no-input|notified)$" ${LOCAL(status)})' in apply
+    assert "?${LOCAL(status)}:unavailable)" in apply
