@@ -44,6 +44,8 @@ from consent_gate.prompts import PromptCatalog, PromptError
 from consent_gate.retention import RECORDING_FILE_SUFFIXES, delete_recording_files, recording_files
 
 log = structlog.get_logger(__name__)
+# Read by the dialplan's [consent-gate-agent-notice] (Dial U() pre-bridge routine, AGI mode).
+AGENT_NOTICE_VARIABLE = "CONSENT_AGENT_NOTICE"
 
 
 def _agi_errors() -> tuple[type[BaseException], ...]:
@@ -82,6 +84,11 @@ class AgiPort:
     async def set_result(self, result: DialogResult) -> None:
         await self._call(self.agi.set_variable, RESULT_VARIABLE, result.packed())
 
+    async def set_agent_notice(self, media: str) -> None:
+        """What Dial's U(consent-gate-agent-notice) plays to each agent that answers. Inherited
+        (``__``), so Dial copies it to every agent leg, also after a transfer."""
+        await self._call(self.agi.set_variable, f"__{AGENT_NOTICE_VARIABLE}", media)
+
 
 async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision | None:
     port = AgiPort(agi)
@@ -106,6 +113,13 @@ async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision |
         result = await run_gate(port, call, purposes, gate, DialogState())
         if result.status is not Decision.ABANDONED:
             await port.set_result(result)
+            primary = next((p for p in purposes if p.name == result.purpose), purposes[0])
+            after = MidCallState(
+                call=call, purpose=primary, consent_id=result.consent_id,
+                language=pick_language(call.language, catalog.languages, settings.default_language),
+                recording_id=result.recording_id, caller_records=result.caller_records,
+            )
+            await port.set_agent_notice(after.agent_greeting_media(gate))
         return result.status
     except CallerHungUp:
         return Decision.ABANDONED
@@ -179,8 +193,10 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
                             ("CONSENT_CALLER_RECORDS", "1" if state.caller_records else ""),
                             ("CONSENT_PAUSED_AT", state.paused_at.isoformat() if state.paused_at else "")):
             await port._call(agi.set_variable, name, value)
+        # A later agent (transfer) hears the greeting as it is now.
+        await port.set_agent_notice(state.agent_greeting_media(gate))
         # The routine runs on the caller's channel: only the caller's notice can be played here
-        # (agent notices need the ARI service's whispers).
+        # (mid-call agent notices need the ARI service's whispers).
         if plan.caller_notice and role is Role.CALLER:
             await port.play(gate.prompt(state.language, plan.caller_notice), stop_keys="")
         return True

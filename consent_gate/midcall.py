@@ -98,6 +98,11 @@ class MidCallState:
             notices.append("agent-caller-records")
         return notices
 
+    def agent_greeting_media(self, gate: GateContext) -> str:
+        """The agent greeting as one Playback argument (files joined by ``&``), for the dialplan's
+        pre-bridge routine ``[consent-gate-agent-notice]`` in AGI mode."""
+        return "&".join(gate.prompt(self.language, name).media for name in self.agent_greeting())
+
     def plan(self, action: Action, role: Role, settings: DialogSettings, now: datetime) -> Plan | None:
         """None: the key sequence means nothing here (wrong role, nothing to stop...)."""
         match action, role:

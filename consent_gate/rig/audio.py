@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import math
+import struct
 import sys
 import wave
 from collections.abc import Iterable, Sequence
@@ -152,6 +153,20 @@ def write_wav(path: str | Path, samples: Iterable[int], rate: int = 8000) -> Pat
         w.setframerate(rate)
         w.writeframes(to_pcm(samples))
     return path
+
+
+def riff_chunks(path: str | Path) -> list[str]:
+    """The chunk ids of a WAV file in order (e.g. ``["fmt ", "data"]``): shows metadata chunks
+    such as ``LIST``/``INFO`` that the wave module skips silently."""
+    data = Path(path).read_bytes()
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError(f"{path}: not a RIFF/WAVE file")
+    chunks, offset = [], 12
+    while offset + 8 <= len(data):
+        name, size = struct.unpack("<4sI", data[offset:offset + 8])
+        chunks.append(name.decode("latin-1"))
+        offset += 8 + size + (size & 1)
+    return chunks
 
 
 def duration(path: str | Path) -> float:

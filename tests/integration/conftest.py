@@ -7,6 +7,8 @@ Nothing here skips: if Asterisk, PostgreSQL or the SIP stack cannot start, the t
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -132,13 +134,27 @@ def recordings_before(asterisk: AsteriskSandbox) -> set[str]:
 
 
 async def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll a condition with a bound (for state outside our process: files, logs)."""
+    """Poll a condition with a bound (for state outside our process: files, logs, the ledger).
+    ``predicate`` may be a plain function or a coroutine function."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():
+    while True:
+        outcome = predicate()
+        if inspect.isawaitable(outcome):
+            outcome = await outcome
+        if outcome:
+            return
         if loop.time() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def journal_entries(directory: Path) -> list[dict]:
+    """Every event in a journal directory, read straight from its JSONL files."""
+    events = []
+    for path in sorted(directory.glob("*.jsonl")):
+        events += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return events
 
 
 def have_tools() -> None:

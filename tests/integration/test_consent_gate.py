@@ -261,11 +261,14 @@ async def test_hangup_during_the_prompt_is_logged_as_abandoned(
     try:
         query = ("SELECT * FROM consent_events WHERE event = 'abandoned' AND source = $1"
                  " AND stored_at >= to_timestamp($2)")
-        deadline = time.monotonic() + 15
-        rows = await connection.fetch(query, gate_path, since - 1)
-        while not rows and time.monotonic() < deadline:
-            await _pause(0.1)
-            rows = await connection.fetch(query, gate_path, since - 1)
+        rows: list = []
+
+        async def stored() -> bool:
+            rows[:] = await connection.fetch(query, gate_path, since - 1)
+            return bool(rows)
+
+        with contextlib.suppress(TimeoutError):  # the count below says what was missing
+            await wait_until(stored, 15, "the abandoned event", interval=0.1)
     finally:
         await connection.close()
     assert len(rows) == 1, "one abandoned event for the hung-up call"

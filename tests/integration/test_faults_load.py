@@ -39,10 +39,11 @@ import aiohttp.web
 import asyncpg
 import pytest
 
+from consent_gate.dialog import RESULT_SEPARATOR, RESULT_VARIABLE
 from consent_gate.rig.harness import AsteriskLog, GateService
 from consent_gate.rig.sandbox import AsteriskSandbox
 
-from .conftest import Phones, recording_files, wait_until
+from .conftest import Phones, journal_entries, recording_files, wait_until
 from .test_consent_gate import drain_incoming, finish, ledger_events, run_gate_call
 
 pytestmark = pytest.mark.integration
@@ -128,11 +129,10 @@ class LocalTier:
         await self.request("DELETE", f"/channels/{channel_id}")
 
     async def wait_gone(self, ids: set[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while (await self.channel_ids()) & ids:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"channels still up after {timeout:.0f} s: {sorted(ids)}")
-            await asyncio.sleep(0.2)
+        async def gone() -> bool:
+            return not (await self.channel_ids()) & ids
+
+        await wait_until(gone, timeout, f"channels {sorted(ids)} to end", interval=0.2)
 
     async def registered(self) -> bool:
         status, _ = await self.request("GET", f"/applications/{self.app}")
@@ -344,11 +344,11 @@ async def with_metrics(gate: GateService) -> int:
 async def ledger_healthy(gate: GateService, timeout: float = 30.0) -> None:
     """Until the service has proved the database is back (its ledger left degraded mode)."""
     port = await with_metrics(gate)
-    deadline = time.monotonic() + timeout
-    while not re.search(r"^consent_gate_ledger_degraded 0\.0$", await scrape(port), re.M):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the service's ledger still degraded after {timeout:.0f} s")
-        await asyncio.sleep(0.25)
+
+    async def healthy() -> bool:
+        return bool(re.search(r"^consent_gate_ledger_degraded 0\.0$", await scrape(port), re.M))
+
+    await wait_until(healthy, timeout, "the service's ledger to leave degraded mode", interval=0.25)
 
 
 def assert_alive(gate: GateService) -> None:
@@ -374,7 +374,7 @@ async def test_sigkill_mid_dialog_goes_on_unrecorded_and_the_restarted_app_serve
         await lock.execute("BEGIN")
         await lock.execute("LOCK TABLE consent_events IN EXCLUSIVE MODE")
         await caller.send_dtmf("1")
-        await wait_until_async(lambda: inserts_waiting(lock), 20, "the grant's INSERT to wait on the lock")
+        await wait_until(lambda: inserts_waiting(lock), 20, "the grant's INSERT to wait on the lock")
         old_pid = gate.process.pid if gate.process else None
         await gate.stop(kill=True)  # SIGKILL: no cleanup, no goodbye to Asterisk or PostgreSQL
     finally:
@@ -629,7 +629,7 @@ async def test_malformed_ari_frames_do_not_crash_the_real_service(pg_dsn: str, t
         # An event for this channel with no digit, then the consent key.
         await fake.send(json.dumps({"type": "ChannelDtmfReceived", "channel": {"id": channel}, "digit": "1"}))
         await wait_until(lambda: fake.saw("POST", f"/channels/{channel}/continue"), 10, "the hand-back")
-        assert fake.variables[channel]["CONSENT_STATUS"] == "granted"
+        assert _handed_back_status(fake.variables[channel]) == "granted"
         [event] = [e for e in (await call_events(pg_dsn, [channel]))[channel]]
         assert event["event"] == "granted"
         await fake.send(json.dumps({"type": "StasisEnd", "channel": {"id": channel}}))
@@ -654,17 +654,16 @@ async def test_malformed_ari_frames_do_not_crash_the_real_service(pg_dsn: str, t
     assert process.returncode == 0, text[-3000:]
     # The odd StasisStarts were failed closed, never answered with a grant.
     for odd in ("odd-0", "odd-1", "odd-2", "odd-3"):
-        assert fake.variables.get(odd, {}).get("CONSENT_STATUS") in (None, "unavailable")
+        assert _handed_back_status(fake.variables.get(odd, {})) in (None, "unavailable")
+
+
+def _handed_back_status(variables: dict[str, str]) -> str | None:
+    """CONSENT_STATUS as the dialplan unpacks it from what the service set (None: no result)."""
+    packed = variables.get(RESULT_VARIABLE)
+    return packed.split(RESULT_SEPARATOR)[-1] if packed else None
 
 
 # -- the database and the journal ------------------------------------------------------------
-
-def journaled_events(directory: Path) -> list[dict]:
-    events = []
-    for path in sorted(directory.glob("*.jsonl")):
-        events += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return events
-
 
 async def test_database_down_under_load_loses_no_decision_and_records_nothing(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, gate: GateService, pg_sandbox, pg_dsn: str,
@@ -682,7 +681,7 @@ async def test_database_down_under_load_loses_no_decision_and_records_nothing(
     try:
         async with LocalTier(asterisk) as tier:
             await run_local_calls(tier, calls, 10, per_call_timeout=60)
-        pending = [e for e in journaled_events(gate.journal_dir) if e["call_id"] in ids]
+        pending = [e for e in journal_entries(gate.journal_dir) if e["call_id"] in ids]
         decisions = Counter(e["call_id"] for e in pending if e["event"] in DECISIONS)
         assert set(decisions) == ids and set(decisions.values()) == {1}, decisions
         assert not any(e["event"] == "granted" for e in pending), "no grant while the ledger is down"
@@ -695,8 +694,8 @@ async def test_database_down_under_load_loses_no_decision_and_records_nothing(
         events = await call_events(pg_dsn, sorted(ids))
         return all(sum(e["event"] in DECISIONS for e in events.get(i, [])) == 1 for i in ids)
 
-    await wait_until_async(all_replayed, 30, "all 20 decisions replayed into PostgreSQL")
-    await wait_until(lambda: not any(e["call_id"] in ids for e in journaled_events(gate.journal_dir)), 15,
+    await wait_until(all_replayed, 30, "all 20 decisions replayed into PostgreSQL")
+    await wait_until(lambda: not any(e["call_id"] in ids for e in journal_entries(gate.journal_dir)), 15,
                      "the journal to let go of the replayed decisions")
     assert_alive(gate)
     await ledger_healthy(gate)
@@ -706,7 +705,7 @@ async def test_journal_unwritable_and_database_down_records_nothing(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, gate: GateService, pg_sandbox, pg_dsn: str,
 ) -> None:
     journal = gate.journal_dir
-    await wait_until(lambda: not journaled_events(journal), 30, "an empty journal before the test")
+    await wait_until(lambda: not journal_entries(journal), 30, "an empty journal before the test")
     aside = journal.with_name("journal.aside")
     before = recording_files(asterisk)
     calls = [LocalCall(tag=f"jn{uuid.uuid4().hex[:8]}", delay=0.5, keys="1", hold=8.0, kind="grant")
@@ -756,7 +755,7 @@ async def test_websocket_closed_mid_dialog_fails_closed_and_reconnects(
         tier = LocalTier(asterisk)
         async with tier:
             await tier.originate(call)
-        await wait_until_async(lambda: inserts_waiting(lock), 20, "the grant's INSERT to wait on the lock")
+        await wait_until(lambda: inserts_waiting(lock), 20, "the grant's INSERT to wait on the lock")
         kill_ari_connections(asterisk)
     finally:
         await lock.execute("ROLLBACK")
@@ -834,7 +833,7 @@ async def test_hangup_in_every_dialog_state(
                     await asterisk_log.wait_for(prompt_line + r"Playing '[^']*/caller-records-ack\.", 15)
                 case "storing":
                     assert lock is not None
-                    await wait_until_async(lambda: inserts_waiting(lock), 20, "the grant's INSERT to wait on the lock")
+                    await wait_until(lambda: inserts_waiting(lock), 20, "the grant's INSERT to wait on the lock")
                 case "confirmation":
                     await asterisk_log.wait_for(prompt_line + r"Playing '[^']*/granted\.", 20)
                 case "after-gate":
@@ -871,14 +870,6 @@ async def inserts_waiting(connection: asyncpg.Connection) -> bool:
     await connection.execute("SELECT pg_stat_clear_snapshot()")
     return bool(await connection.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO consent_events%'"))
-
-
-async def wait_until_async(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # -- randomised callers ------------------------------------------------------------------------

@@ -8,12 +8,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,7 +23,7 @@ from consent_gate.rig.harness import AsteriskLog, GateService
 from consent_gate.rig.pgsandbox import PgSandbox
 from consent_gate.rig.sandbox import AsteriskSandbox
 
-from .conftest import Phones, recording_files, recording_set, wait_until
+from .conftest import Phones, journal_entries, recording_files, recording_set, wait_until
 from .test_consent_gate import exten, finish, gate_path, ledger_events, run_gate_call  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -34,13 +32,6 @@ pytestmark = pytest.mark.integration
 def journal_dir(gate_path: str, gate: GateService, asterisk: AsteriskSandbox) -> Path:
     """Where each path journals: the service's own dir, or the AGI's inside the root."""
     return gate.journal_dir if gate_path == "ari" else asterisk.host_dir / "journal"
-
-
-def journaled(directory: Path) -> list[dict]:
-    events = []
-    for path in sorted(directory.glob("*.jsonl")):
-        events += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return events
 
 
 async def test_database_down_records_nothing_and_loses_no_decision(
@@ -57,7 +48,7 @@ async def test_database_down_records_nothing_and_loses_no_decision(
         await call.caller.play_silence(1.0)
         await finish(call)
         assert recording_files(asterisk) == recordings_before
-        pending = [e for e in journaled(journal) if e["consent_id"] == call.result.consent_id]
+        pending = [e for e in journal_entries(journal) if e["consent_id"] == call.result.consent_id]
         assert [e["event"] for e in pending] == ["unavailable"]
         assert pending[0]["digit"] == "1" and pending[0]["detail"]["reason"] == "ledger-unavailable"
     finally:
@@ -73,21 +64,13 @@ async def test_database_down_records_nothing_and_loses_no_decision(
         events[:] = await ledger_events(pg_dsn, call.result.consent_id)
         return bool(events)
 
-    deadline = time.monotonic() + 20
-    while not await replayed():
-        assert time.monotonic() < deadline, "the journaled decision never reached the database"
-        await _tick()
+    await wait_until(replayed, 20, "the journaled decision to reach the database", interval=0.2)
     [event] = events
     assert event["event"] == "unavailable" and event["via_journal"] and event["digit"] == "1"
     assert event["recording_id"] is None
-    await wait_until(lambda: not any(e["consent_id"] == call.result.consent_id for e in journaled(journal)),
+    await wait_until(lambda: not any(e["consent_id"] == call.result.consent_id for e in journal_entries(journal)),
                      10, "the journal to be emptied after replay")
 
-
-async def _tick() -> None:
-    import asyncio
-
-    await asyncio.sleep(0.2)
 
 
 HOSTILE_NUMBER = "+4512345678'$(touch /tmp/cg-pwned)`id`../../etc/passwd;DROP TABLE consent_events;--"

@@ -1,5 +1,6 @@
-"""Mid-call rights through the real Asterisk (ARI service): withdrawal, the caller recording
-too, the agent's notices (also after a transfer) and the secure pause for card data.
+"""Mid-call rights through the real Asterisk (ARI service, and AGI mode where it applies):
+withdrawal, the caller recording too, the agent's notices (also after a transfer) and the
+secure pause for card data.
 
 Audio checks: the parties stay silent around a notice, so what their phones capture then is
 the notice; a window of the same length before the key is the silence to compare with.
@@ -28,14 +29,14 @@ HEARD_DBFS = -40.0
 
 
 async def wait_for_event(dsn: str, consent_id: str, kind: str, timeout: float = 15) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        events = [e for e in await ledger_events(dsn, consent_id) if e["event"] == kind]
-        if events:
-            return events[0]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {kind!r} event for {consent_id} within {timeout:.0f} s")
-        await asyncio.sleep(0.1)
+    found: list[dict] = []
+
+    async def stored() -> bool:
+        found[:] = [e for e in await ledger_events(dsn, consent_id) if e["event"] == kind]
+        return bool(found)
+
+    await wait_until(stored, timeout, f"a {kind!r} event for {consent_id}", interval=0.1)
+    return found[0]
 
 
 def level(call: PhoneCall, start: float, end: float) -> float:
@@ -86,12 +87,18 @@ async def test_agent_hears_the_notice_and_caller_withdraws(
     assert '"deleted_files": ' in withdrawn["detail"]
 
 
+# ARI mode whispers the agent's notices; AGI mode (300) plays them with Dial's
+# U(consent-gate-agent-notice) before the bridge.
+BOTH_MODES = pytest.mark.parametrize("exten", ["200", "300"], ids=["ari", "agi"])
+
+
+@BOTH_MODES
 async def test_caller_records_from_the_menu_without_our_recording(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    test_tag: str, recordings_before: set[str],
+    test_tag: str, recordings_before: set[str], exten: str,
 ) -> None:
     await drain_incoming(phones.agent)
-    caller = await phones.caller.call(phones.uri("200"), headers={"X-Test-Call": test_tag})
+    caller = await phones.caller.call(phones.uri(exten), headers={"X-Test-Call": test_tag})
     await caller.wait_answered(10)
     await asterisk_log.wait_for(r"Playing '[^']*/question-training\.", 10)
     await caller.send_dtmf("3")
@@ -163,13 +170,16 @@ async def test_secure_pause_keeps_speech_and_digits_out_of_the_recording(
     assert '"by": "agent"' in resumed["detail"]
 
 
-async def test_transferred_agent_hears_the_recording_notice(
+@BOTH_MODES
+async def test_agent_and_transferred_agent_hear_the_recording_notice(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    test_tag: str,
+    test_tag: str, exten: str,
 ) -> None:
     await drain_incoming(phones.agent2)
-    call = await run_gate_call(phones, asterisk_log, test_tag, key="1")
-    await hear_window(call.caller, 4.0)
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, key="1")
+    assert call.result.status == "granted"
+    start, end = await hear_window(call.caller, 4.0)
+    assert level(call.agent, start, end) > HEARD_DBFS, "the first agent heard that the call is recorded"
     transfer = asyncio.ensure_future(call.agent.transfer(f"sip:agent2@{phones.domain}"))
     second = await phones.agent2.wait_incoming(20)
     await second.answer()
@@ -214,6 +224,7 @@ async def test_agi_mode_withdrawal_and_pause_through_features(
 ) -> None:
     call = await run_gate_call(phones, asterisk_log, test_tag, exten="300", key="1")
     assert call.result.status == "granted"
+    await hear_window(call.caller, 4.0)  # the agent's notice before the bridge (U())
     await call.caller.play_wav(speech_wav)
     await call.agent.send_dtmf("*5")
     paused = await wait_for_event(pg_dsn, call.result.consent_id, "paused")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import struct
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -36,16 +35,6 @@ pytestmark = pytest.mark.integration
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 CALLER_NAME = "Jane Example 4512345678"
 PROJECT = Path(__file__).resolve().parents[2]
-
-
-def riff_chunks(path: Path) -> list[str]:
-    data = path.read_bytes()
-    chunks, offset = [], 12
-    while offset + 8 <= len(data):
-        name, size = struct.unpack("<4sI", data[offset:offset + 8])
-        chunks.append(name.decode("latin-1"))
-        offset += 8 + size + (size & 1)
-    return chunks
 
 
 def envelope_distance_db(a: np.ndarray, b: np.ndarray) -> float:
@@ -105,7 +94,7 @@ async def test_training_copy_from_a_real_call(
     [copy] = list(copies.iterdir())
     copy_id = copy.stem
     assert HEX32.match(copy_id) and copy.suffix == ".wav" and copy_id != recording_id
-    assert riff_chunks(copy) == ["fmt ", "data"]
+    assert audio.riff_chunks(copy) == ["fmt ", "data"]
     raw = copy.read_bytes()
     for secret in (recording_id, call.result.consent_id, test_tag, "4512345678", "Jane"):
         assert secret.encode() not in raw and secret not in copy.name

@@ -180,11 +180,15 @@ WAIT = "WAIT FOR DIGIT 5000"
 
 
 def _results(session: AgiSession) -> dict[str, str]:
-    """Answer the one SET VARIABLE of the packed result and unpack it as the dialplan does."""
+    """Answer the one SET VARIABLE of the packed result (unpacked here as the dialplan does),
+    then the inherited agent notice for Dial's U() routine."""
     match = session.expect(r'SET VARIABLE "CONSENT_RESULT" "(.*)"', "200 result=1")
     fields = match[1].split(RESULT_SEPARATOR)
     assert len(fields) == len(RESULT_FIELDS), f"one field per result variable: {match[1]!r}"
-    return dict(zip(RESULT_FIELDS, fields, strict=True))
+    values = dict(zip(RESULT_FIELDS, fields, strict=True))
+    notice = session.expect(r'SET VARIABLE "__CONSENT_AGENT_NOTICE" "(.*)"', "200 result=1")
+    values["CONSENT_AGENT_NOTICE"] = notice[1]
+    return values
 
 
 def _answer(session: AgiSession) -> None:
@@ -202,6 +206,7 @@ async def test_key_during_the_prompt_grants(agi_rig: AgiRig, ledger_rows) -> Non
     assert values["CONSENT_STATUS"] == "granted"
     assert re.fullmatch(r"[0-9a-f]{32}", values["CONSENT_RECORDING_ID"])
     assert values["CONSENT_CONFIRMATION"] == f"{SOUNDS}/en/granted"
+    assert values["CONSENT_AGENT_NOTICE"] == f"{SOUNDS}/en/agent-recorded-training"
     [row] = await ledger_rows(call_id)
     assert (row["event"], row["digit"], row["source"], row["purpose"]) == ("granted", "1", "agi", "training")
     assert str(row["consent_id"]) == values["CONSENT_ID"]
@@ -222,6 +227,7 @@ async def test_key_after_the_prompt_declines(agi_rig: AgiRig, ledger_rows) -> No
     assert session.finish() == (0, [])
     assert (values["CONSENT_STATUS"], values["CONSENT_RECORDING_ID"]) == ("declined", "")
     assert values["CONSENT_CONFIRMATION"] == f"{SOUNDS}/en/declined"
+    assert values["CONSENT_AGENT_NOTICE"] == f"{SOUNDS}/en/agent-not-recorded"
     assert [(r["event"], r["digit"]) for r in await ledger_rows(call_id)] == [("declined", "2")]
 
 
@@ -325,3 +331,18 @@ async def test_database_down_fails_closed_and_journals(tmp_path: Path) -> None:
     [event] = Journal(rig.journal).pending()
     assert (event.call_id, str(event.event), event.recording_id) == (call_id, "unavailable", None)
     assert event.detail["pressed"] == "granted"
+
+
+async def test_caller_records_from_the_menu_is_in_the_agent_notice(agi_rig: AgiRig, ledger_rows) -> None:
+    call_id = _call_id()
+    session = agi_rig.start(call_id=call_id)
+    _answer(session)
+    session.expect(QUESTION, "200 result=51 endpos=100")  # '3': I record this call too
+    session.expect(rf'STREAM FILE {re.escape(SOUNDS)}/en/caller-records-ack ".*" 0', "200 result=0 endpos=8000")
+    session.expect(QUESTION, "200 result=50 endpos=100")  # then '2'
+    values = _results(session)
+    assert session.finish() == (0, [])
+    assert (values["CONSENT_STATUS"], values["CONSENT_CALLER_RECORDS"]) == ("declined", "1")
+    # Dial's U(consent-gate-agent-notice) plays both files to the agent, in this order.
+    assert values["CONSENT_AGENT_NOTICE"] == f"{SOUNDS}/en/agent-not-recorded&{SOUNDS}/en/agent-caller-records"
+    assert [r["event"] for r in await ledger_rows(call_id)] == ["caller-records", "declined"]

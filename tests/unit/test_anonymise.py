@@ -11,6 +11,7 @@ import pytest
 from scipy.signal import lfilter
 
 from consent_gate import anonymise as an
+from consent_gate.rig import audio
 
 RATE = 8000
 
@@ -183,17 +184,6 @@ def test_edge_cases() -> None:
         an.AnonymiserSettings(coefficient_range=(0.9, 0.6))
 
 
-def riff_chunks(path: Path) -> list[str]:
-    data = path.read_bytes()
-    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
-    chunks, offset = [], 12
-    while offset + 8 <= len(data):
-        name, size = struct.unpack("<4sI", data[offset:offset + 8])
-        chunks.append(name.decode("latin-1"))
-        offset += 8 + size + (size & 1)
-    return chunks
-
-
 def test_anonymise_file_writes_only_audio_chunks(tmp_path: Path) -> None:
     source = tmp_path / "in.wav"
     an.write_wav(source, [vowel()])
@@ -203,10 +193,10 @@ def test_anonymise_file_writes_only_audio_chunks(tmp_path: Path) -> None:
     data += b"LIST" + struct.pack("<I", len(info)) + info
     data[4:8] = struct.pack("<I", len(data) - 8)
     source.write_bytes(bytes(data))
-    assert "LIST" in riff_chunks(source)
+    assert "LIST" in audio.riff_chunks(source)
     target = tmp_path / "out.wav"
     an.anonymise_file(source, target, rng=np.random.default_rng(0))
-    assert riff_chunks(target) == ["fmt ", "data"]
+    assert audio.riff_chunks(target) == ["fmt ", "data"]
     assert b"4512345678" not in target.read_bytes()
     rate, samples = an.read_wav_mono(target)
     assert rate == RATE and len(samples) == len(vowel())
@@ -233,7 +223,7 @@ def test_anonymise_file_reads_telephony_encodings(tmp_path: Path) -> None:
         error = rms(decoded.astype(float) - reference) / rms(reference)
         assert error < {"ulaw": 0.05, "alaw": 0.05, "u8": 0.1}.get(name, 0.001), (name, error)
         an.anonymise_file(converted, tmp_path / f"{name}-out.wav", rng=np.random.default_rng(1))
-        assert riff_chunks(tmp_path / f"{name}-out.wav") == ["fmt ", "data"]
+        assert audio.riff_chunks(tmp_path / f"{name}-out.wav") == ["fmt ", "data"]
 
 
 def test_anonymise_file_rejects_wrong_formats(tmp_path: Path) -> None:
@@ -288,7 +278,7 @@ def test_write_copy_has_no_metadata_and_changes_only_the_caller(tmp_path: Path) 
     copy_id, path = training.write_copy(files, copies, "2026-11", rng=np.random.default_rng(4))
     assert HEX32.match(copy_id) and copy_id != recording_id and path.name == f"{copy_id}.wav"
     assert [p.name for p in copies.iterdir()] == [path.name], "no temporary file left"
-    assert riff_chunks(path) == ["fmt ", "data"]
+    assert audio.riff_chunks(path) == ["fmt ", "data"]
     assert recording_id.encode() not in path.read_bytes()
     assert path.stat().st_mode & 0o777 == 0o600 and copies.stat().st_mode & 0o777 == 0o700
     assert path.stat().st_mtime == datetime(2026, 11, 1, tzinfo=UTC).timestamp()
