@@ -9,13 +9,13 @@ from typing import Any
 
 import structlog
 
-from consent_gate.dialog import RESULT_VARIABLE, CallInfo, DialogResult, GateContext, parse_purposes
+from consent_gate.dialog import CallInfo, DialogResult, GateContext, parse_purposes
 from consent_gate.events import Decision
 from consent_gate.midcall import MidCallState
 
 from . import metrics
 from .ami import AmiClient
-from .call import CallSession
+from .call import CallSession, release_unrecorded
 from .midcall import SNOOP_ARG, CallWatch
 from .transport import AriClient, AriError
 
@@ -98,7 +98,7 @@ class ConsentGateApp:
         session = CallSession(
             client=self.client, gate=self.gate, channel_id=channel_id, call=call,
             purposes=parse_purposes(purpose_name, self.gate.settings),
-            channel_name=str(channel.get("name") or ""), on_decided=self._watch_call,
+            channel_name=str(channel.get("name") or ""), on_decided=self._watch_call, ami=self.ami,
         )
         self.sessions[channel_id] = session
         session.task = asyncio.create_task(self._run_session(session), name=f"call-{channel_id}")
@@ -170,25 +170,22 @@ class ConsentGateApp:
                                               params={"eventSource": f"channel:{channel_id}"})
                 continue
             log.warning("ari.orphan_released", channel=channel_id)
-            # Its own task: ARI runs these behind the dead process's playback (up to the prompt's
-            # length), and new calls' events must not wait for that.
-            release = asyncio.create_task(self._release_orphan(channel_id), name=f"orphan-{channel_id}")
+            # Its own task: without AMI, ARI runs the release behind the dead process's playback
+            # (up to the prompt's length), and new calls' events must not wait for that.
+            name = str((channel or {}).get("name") or "")
+            release = asyncio.create_task(self._release_orphan(channel_id, name), name=f"orphan-{channel_id}")
             self._reapers.add(release)
             release.add_done_callback(self._reapers.discard)
 
-    async def _release_orphan(self, channel_id: str) -> None:
-        """Fail closed, then continue: the commands queue behind any playback still running and
-        run in order once it ends, so the status is set before the dialplan reads it."""
+    async def _release_orphan(self, channel_id: str, channel_name: str) -> None:
+        """Fail closed: the caller goes on unrecorded, even if the dead process had already
+        handed back a grant; with AMI at once, even while its question still plays."""
         try:
-            # An empty result: the dialplan keeps the "unavailable" it set before Stasis, even if
-            # the dead process had already handed back a grant.
-            await self.client.request("POST", f"/channels/{channel_id}/variable", timeout=ORPHAN_RELEASE_TIMEOUT,
-                                      params={"variable": RESULT_VARIABLE, "value": ""})
+            await release_unrecorded(self.client, channel_id, fallback_timeout=ORPHAN_RELEASE_TIMEOUT,
+                                     ami=self.ami, channel_name=channel_name)
         except AriError as error:
-            log.warning("ari.orphan_vars_failed", channel=channel_id, error=str(error))
-            return  # never continue a channel whose result could still say "granted"
-        with contextlib.suppress(AriError):
-            await self.client.continue_in_dialplan(channel_id)
+            # Never continued: a channel whose result could still say "granted" stays put.
+            log.warning("ari.orphan_release_failed", channel=channel_id, error=str(error))
 
     @property
     def client_app(self) -> str:

@@ -33,11 +33,47 @@ from consent_gate.dialog import (
 from consent_gate.events import Decision
 
 from . import metrics
+from .ami import AmiClient, AmiError
 from .transport import AriClient, AriError, ChannelGone
 
 log = structlog.get_logger(__name__)
 
 RELEASE_TIMEOUT = 3.0
+# Where the service sends a call it will not finish: [consent-gate-released] clears the result,
+# so nothing handed back before can start a recording, then applies and returns like the gate.
+RELEASE_CONTEXT = "consent-gate-released"
+RELEASE_LABEL = "release"
+
+
+async def release_unrecorded(
+    client: AriClient, channel_id: str, *, fallback_timeout: float,
+    ami: AmiClient | None = None, channel_name: str = "",
+) -> None:
+    """Put a channel back into the dialplan without a result (fail closed; the call goes on).
+
+    A prompt still playing holds back every ARI command for the channel until it ends (up to
+    the question's length), and a crashed process took the playback's id with it.  An AMI
+    Redirect takes the channel out of Stasis at once, so it comes first when AMI is there; then
+    ARI continue to the label; if the include lacks the label (an older one), clear the result
+    and continue to the Stasis() call.  Raises AriError if the channel could not be released
+    safely; it is then never continued."""
+    if ami is not None and channel_name:
+        try:
+            await ami.action("Redirect", Channel=channel_name, Context=RELEASE_CONTEXT, Exten="s",
+                             Priority=RELEASE_LABEL)
+            return
+        except AmiError as error:  # e.g. no AMI, or the channel is gone: ARI decides below
+            log.info("ari.release_redirect_failed", channel=channel_id, error=str(error))
+    try:
+        await client.continue_in_dialplan(channel_id, context=RELEASE_CONTEXT, extension="s",
+                                          label=RELEASE_LABEL, gone_ok=False)
+        return
+    except ChannelGone:
+        # 404: the caller hung up, or the dialplan has no such label.
+        if not await client.channel_exists(channel_id):
+            return
+    await client.set_var(channel_id, RESULT_VARIABLE, "", timeout=fallback_timeout)
+    await client.continue_in_dialplan(channel_id)
 
 
 class TransportLost(RuntimeError):
@@ -59,6 +95,7 @@ class CallSession:
     # Called with the decision before the channel goes back to the dialplan: the app starts the
     # mid-call watcher (and its channel subscription) there, so no key is lost in between.
     on_decided: Callable[["CallSession", DialogResult], Awaitable[None]] | None = None
+    ami: AmiClient | None = None  # to release the caller at once if the dialog fails mid-prompt
     handed_over: bool = False
     state: DialogState = field(default_factory=DialogState)
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
@@ -173,10 +210,8 @@ class CallSession:
 
         async def release() -> None:
             with contextlib.suppress(AriError, OSError, asyncio.TimeoutError):
-                # No result: the dialplan keeps the "unavailable" it set before Stasis.
-                await self.client.set_var(self.channel_id, RESULT_VARIABLE, "")
-            with contextlib.suppress(AriError, OSError, asyncio.TimeoutError):
-                await self.client.continue_in_dialplan(self.channel_id)
+                await release_unrecorded(self.client, self.channel_id, fallback_timeout=RELEASE_TIMEOUT,
+                                         ami=self.ami, channel_name=self.channel_name)
 
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.shield(asyncio.wait_for(release(), RELEASE_TIMEOUT))

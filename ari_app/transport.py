@@ -203,9 +203,9 @@ class AriClient:
         # gone_ok: a finished playback (or hung-up channel) is already stopped.
         await self.request("DELETE", f"/playbacks/{_q(playback_id)}", gone_ok=True)
 
-    async def set_var(self, channel_id: str, name: str, value: str) -> None:
+    async def set_var(self, channel_id: str, name: str, value: str, *, timeout: float | None = None) -> None:
         params = {"variable": name, "value": value}
-        await self.request("POST", f"/channels/{_q(channel_id)}/variable", params=params)
+        await self.request("POST", f"/channels/{_q(channel_id)}/variable", params=params, timeout=timeout)
 
     async def get_var(self, channel_id: str, name: str) -> str | None:
         """Value of a channel variable, or None on 404.
@@ -221,12 +221,16 @@ class AriClient:
 
     async def continue_in_dialplan(
         self, channel_id: str, *, context: str | None = None, extension: str | None = None,
-        priority: int | None = None, label: str | None = None,
+        priority: int | None = None, label: str | None = None, gone_ok: bool = True,
     ) -> None:
-        # gone_ok: if the caller already hung up there is nothing left to continue.
+        # gone_ok: if the caller already hung up there is nothing left to continue.  ARI also
+        # answers 404 for an unknown label; callers that must tell the two apart pass False.
         params = {"context": context, "extension": extension, "priority": priority, "label": label}
         path = f"/channels/{_q(channel_id)}/continue"
-        await self.request("POST", path, params=params, gone_ok=True)
+        await self.request("POST", path, params=params, gone_ok=gone_ok)
+
+    async def channel_exists(self, channel_id: str) -> bool:
+        return await self.request("GET", f"/channels/{_q(channel_id)}", gone_ok=True) is not None
 
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         """Yield ARI events forever, reconnecting on failure, until close() or the consumer stops.

@@ -537,3 +537,108 @@ async def test_only_one_events_iteration_at_a_time(fake: FakeAri, client: AriCli
         assert (await next_event(it))["type"] == "TransportConnected"
         with pytest.raises(RuntimeError):
             await anext(client.events())
+
+
+# -- releasing a call unrecorded (ari_app.call.release_unrecorded) ---------------------------
+
+async def test_release_continues_at_the_label_that_clears_the_result(fake: FakeAri, client: AriClient) -> None:
+    from ari_app.call import release_unrecorded
+
+    await release_unrecorded(client, "c1", fallback_timeout=1)
+    assert [(r["method"], r["raw_path"], r["query"]) for r in fake.requests] == [
+        ("POST", "/ari/channels/c1/continue", {"context": "consent-gate-released", "extension": "s", "label": "release"}),
+    ]
+
+
+async def test_release_without_the_label_clears_the_result_then_continues(fake: FakeAri, client: AriClient) -> None:
+    """An older include has no "released" label (ARI: 404 while the channel exists)."""
+    from ari_app.call import release_unrecorded
+
+    fake.responses[("POST", "/ari/channels/c1/continue")] = (404, {"message": "Requested label: release can not be found"})
+    fake.responses[("GET", "/ari/channels/c1")] = (200, {"id": "c1"})
+    await release_unrecorded(client, "c1", fallback_timeout=1)
+    assert [(r["method"], r["raw_path"], r["query"]) for r in fake.requests] == [
+        ("POST", "/ari/channels/c1/continue", {"context": "consent-gate-released", "extension": "s", "label": "release"}),
+        ("GET", "/ari/channels/c1", {}),
+        ("POST", "/ari/channels/c1/variable", {"variable": "CONSENT_RESULT", "value": ""}),
+        ("POST", "/ari/channels/c1/continue", {}),  # back to the Stasis() call, result cleared
+    ]
+
+
+async def test_release_of_a_channel_that_hung_up_is_done(fake: FakeAri, client: AriClient) -> None:
+    from ari_app.call import release_unrecorded
+
+    fake.responses[("POST", "/ari/channels/c1/continue")] = (404, {"message": "Channel not found"})
+    fake.responses[("GET", "/ari/channels/c1")] = (404, {"message": "Channel not found"})
+    await release_unrecorded(client, "c1", fallback_timeout=1)
+    assert [r["raw_path"] for r in fake.requests] == ["/ari/channels/c1/continue", "/ari/channels/c1"]
+
+
+async def test_release_that_cannot_clear_the_result_never_continues(fake: FakeAri, client: AriClient) -> None:
+    from ari_app.call import release_unrecorded
+
+    fake.responses[("POST", "/ari/channels/c1/continue")] = (404, {"message": "label not found"})
+    fake.responses[("GET", "/ari/channels/c1")] = (200, {"id": "c1"})
+    fake.responses[("POST", "/ari/channels/c1/variable")] = (500, {"message": "boom"})
+    with pytest.raises(AriError):
+        await release_unrecorded(client, "c1", fallback_timeout=1)
+    assert [r["raw_path"] for r in fake.requests].count("/ari/channels/c1/continue") == 1
+
+
+class FakeAmi:
+    """An AMI look-alike: logs in anyone, records actions, answers Redirect as told."""
+
+    def __init__(self, redirect_reply: str) -> None:
+        self.redirect_reply = redirect_reply
+        self.actions: list[dict[str, str]] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"Asterisk Call Manager/9.0.0\r\n")
+        message: dict[str, str] = {}
+        while line := await reader.readline():
+            text = line.decode().rstrip("\r\n")
+            if text:
+                key, _, value = text.partition(": ")
+                message[key] = value
+                continue
+            self.actions.append(message)
+            reply = "Success" if message["Action"] == "Login" else self.redirect_reply
+            writer.write(f"Response: {reply}\r\nActionID: {message['ActionID']}\r\n\r\n".encode())
+            await writer.drain()
+            message = {}
+        writer.close()
+
+
+@pytest.mark.parametrize("reply", ["Success", "Error"])
+async def test_release_redirects_over_ami_first_and_falls_back_to_ari(
+    fake: FakeAri, client: AriClient, reply: str
+) -> None:
+    """AMI Redirect cuts a playing prompt short (ARI would wait for it); if AMI refuses, ARI's
+    continue to the label does the release."""
+    from ari_app.ami import AmiClient, AmiConfig
+    from ari_app.call import release_unrecorded
+
+    ami_server = FakeAmi(reply)
+    await ami_server.start()
+    ami = AmiClient(AmiConfig("127.0.0.1", ami_server.port, "cg", "secret", timeout=2))
+    try:
+        await release_unrecorded(client, "c1", fallback_timeout=1, ami=ami, channel_name="PJSIP/caller-0001")
+    finally:
+        await ami.close()
+        await ami_server.stop()
+    [redirect] = [a for a in ami_server.actions if a["Action"] == "Redirect"]
+    assert {k: redirect[k] for k in ("Channel", "Context", "Exten", "Priority")} == {
+        "Channel": "PJSIP/caller-0001", "Context": "consent-gate-released", "Exten": "s", "Priority": "release"}
+    ari_calls = [(r["method"], r["raw_path"]) for r in fake.requests]
+    assert ari_calls == ([] if reply == "Success" else [("POST", "/ari/channels/c1/continue")])
