@@ -19,9 +19,14 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import structlog
+
 from .config import DialogSettings, Purpose
 from .dialog import CallInfo, GateContext, event_for
 from .events import ConsentEvent, EventKind
+from .prompts import PromptError
+
+log = structlog.get_logger(__name__)
 
 
 class Action(enum.Enum):
@@ -100,8 +105,16 @@ class MidCallState:
 
     def agent_greeting_media(self, gate: GateContext) -> str:
         """The agent greeting as one Playback argument (files joined by ``&``), for the dialplan's
-        pre-bridge routine ``[consent-gate-agent-notice]`` in AGI mode."""
-        return "&".join(gate.prompt(self.language, name).media for name in self.agent_greeting())
+        pre-bridge routine ``[consent-gate-agent-notice]`` in AGI mode.  A notice without a
+        prompt file (e.g. a purpose added without one) is left out, as the ARI service does:
+        a notice must never cost the decision it describes."""
+        media = []
+        for name in self.agent_greeting():
+            try:
+                media.append(gate.prompt(self.language, name).media)
+            except PromptError as error:
+                log.warning("midcall.notice_missing", prompt=name, error=str(error))
+        return "&".join(media)
 
     def plan(self, action: Action, role: Role, settings: DialogSettings, now: datetime) -> Plan | None:
         """None: the key sequence means nothing here (wrong role, nothing to stop...)."""

@@ -346,3 +346,24 @@ async def test_caller_records_from_the_menu_is_in_the_agent_notice(agi_rig: AgiR
     # Dial's U(consent-gate-agent-notice) plays both files to the agent, in this order.
     assert values["CONSENT_AGENT_NOTICE"] == f"{SOUNDS}/en/agent-not-recorded&{SOUNDS}/en/agent-caller-records"
     assert [r["event"] for r in await ledger_rows(call_id)] == ["caller-records", "declined"]
+
+
+async def test_legal_obligation_without_an_agent_prompt_still_hands_back_notified(
+    pg_dsn: str, tmp_path: Path, ledger_rows
+) -> None:
+    """A purpose shipped without an agent notice prompt: the notice is left out, the decision
+    is handed back and the script exits 0 (a failing script would make the dialplan drop the
+    result, and with it a legally required recording)."""
+    from consent_gate.rig.harness import SANDBOX_PURPOSES
+
+    rig = _rig(pg_dsn, tmp_path)
+    rig.config.write_text(rig.config.read_text() + SANDBOX_PURPOSES)
+    call_id = _call_id()
+    session = rig.start("securities", call_id=call_id)
+    _answer(session)
+    session.expect(rf'STREAM FILE {re.escape(SOUNDS)}/en/notice-legal-obligation "" 0', "200 result=0 endpos=80000")
+    values = _results(session)
+    assert session.finish() == (0, [])
+    assert values["CONSENT_STATUS"] == "notified" and re.fullmatch(r"[0-9a-f]{32}", values["CONSENT_RECORDING_ID"])
+    assert values["CONSENT_AGENT_NOTICE"] == ""  # no agent-recorded-securities prompt is shipped
+    assert [r["event"] for r in await ledger_rows(call_id)] == ["notified"]
