@@ -35,7 +35,7 @@ from aiohttp import web
 
 from .config import Purpose
 from .events import utcnow
-from .subject import SubjectNotFound, SubjectQuery, erase, export
+from .subject import SubjectNotFound, SubjectQuery, erase, export, training_dir
 
 log = structlog.get_logger(__name__)
 
@@ -139,7 +139,8 @@ async def _export(request: web.Request) -> web.StreamResponse:
         try:
             async with request.app[_POOL].acquire() as connection:
                 await export(connection, config["hmac_key"], config["recordings_dir"], config["purposes"],
-                             query, archive, clock=config["clock"], actor=_actor(request, body))
+                             query, archive, clock=config["clock"], actor=_actor(request, body),
+                             copies_dir=config["copies_dir"])
         except SubjectNotFound:
             return _not_found()
         size = archive.tell()
@@ -171,7 +172,8 @@ async def _erase(request: web.Request) -> web.Response:
         async with request.app[_POOL].acquire() as connection:
             result = await erase(connection, config["hmac_key"], config["recordings_dir"], config["purposes"],
                                  query, reason=body.get("reason", ""), actor=_actor(request, body),
-                                 request_ref=body.get("request_ref") or None, clock=config["clock"])
+                                 request_ref=body.get("request_ref") or None, clock=config["clock"],
+                                 copies_dir=config["copies_dir"])
     except SubjectNotFound:
         return _not_found()
     return web.json_response(result.to_json(), headers=_NO_STORE)
@@ -179,14 +181,16 @@ async def _erase(request: web.Request) -> web.Response:
 
 def create_app(
     *, dsn: str, hmac_key: bytes, recordings_dir: Path, purposes: Mapping[str, Purpose], token: str,
-    clock: Callable[[], datetime] = utcnow,
+    clock: Callable[[], datetime] = utcnow, copies_dir: Path | None = None,
 ) -> web.Application:
+    """``copies_dir``: the training copies directory, so exports include the copies and erasures
+    delete them (``$CONSENT_GATE_TRAINING_DIR`` for ``consent-gate api serve``)."""
     if len(token) < TOKEN_MIN_LENGTH:
         raise ValueError(f"the API token needs at least {TOKEN_MIN_LENGTH} characters")
     app = web.Application(middlewares=[_auth], client_max_size=MAX_BODY)
     app[_TOKEN] = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
     app[_CONFIG] = {"hmac_key": hmac_key, "recordings_dir": Path(recordings_dir), "purposes": purposes,
-                    "clock": clock}
+                    "clock": clock, "copies_dir": Path(copies_dir) if copies_dir else None}
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         app[_POOL] = await asyncpg.create_pool(dsn, min_size=1, max_size=4, timeout=10)
@@ -215,7 +219,7 @@ def api_token(settings: Any, env: Mapping[str, str] | None = None) -> str:
 async def serve(settings: Any, listen: str, token: str) -> None:
     host, _, port = listen.rpartition(":")
     app = create_app(dsn=settings.database_dsn, hmac_key=settings.hmac_key, recordings_dir=settings.recordings_dir,
-                     purposes=settings.purposes, token=token)
+                     purposes=settings.purposes, token=token, copies_dir=training_dir())
     runner = web.AppRunner(app, access_log=None)  # an access log would hold nothing useful but peers
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), int(port))

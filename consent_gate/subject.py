@@ -34,7 +34,7 @@ import sys
 import uuid
 import zipfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Sequence
 
@@ -136,7 +136,7 @@ _IN_GROUPS = "(consent_id, purpose) IN (SELECT * FROM unnest($1::uuid[], $2::tex
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (uuid.UUID,)):
         return str(value)
-    if isinstance(value, datetime):
+    if isinstance(value, (datetime, date)):
         return value.isoformat()
     return value
 
@@ -176,6 +176,12 @@ async def collect_records(
               FROM data_erasures
              WHERE (scope = 'record' AND {_IN_GROUPS}) OR (scope = 'recording' AND recording_id = ANY($3::text[]))
              ORDER BY performed_at, seq""", ids, names, recording_ids)
+    # De-identified training copies made from these recordings are still personal data while
+    # the ledger links them (docs/anonymisation.md): the person gets them too.
+    copies = await connection.fetch(
+        """SELECT l.recording_id, c.copy_id, c.period, c.purpose, c.caller_leg, c.agent_leg, c.delete_after
+             FROM training_copy_links l JOIN training_copies c USING (copy_id)
+            WHERE l.recording_id = ANY($1::text[]) ORDER BY l.recording_id""", recording_ids)
     decisions = []
     for g in groups:
         first = next(e for e in events if e["consent_id"] == g.consent_id and e["purpose"] == g.purpose)
@@ -198,6 +204,7 @@ async def collect_records(
         "events": [_row_json(row) for row in events],
         "erasures": [_row_json(row) for row in erasures],
         "recording_ids": recording_ids,
+        "training_copies": [_row_json(row) for row in copies],
     }
 
 
@@ -213,8 +220,25 @@ def _open_recording(path: Path) -> int | None:
     return fd
 
 
-def write_archive(records: dict[str, Any], recordings_dir: Path, out: IO[bytes]) -> ExportSummary:
-    """The zip archive: the recordings (each with its sha256 in the JSON) and the records."""
+def _add_file(archive: zipfile.ZipFile, path: Path, name: str) -> dict[str, Any] | None:
+    """Copy one regular file into the archive; its size and sha256, or None if it is not there."""
+    fd = _open_recording(path)
+    if fd is None:
+        return None
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "rb") as source, archive.open(name, "w") as target:
+        while chunk := source.read(1 << 16):
+            digest.update(chunk)
+            size += len(chunk)
+            target.write(chunk)
+    return {"name": path.name, "bytes": size, "sha256": digest.hexdigest()}
+
+
+def write_archive(records: dict[str, Any], recordings_dir: Path, out: IO[bytes],
+                  copies_dir: Path | None = None) -> ExportSummary:
+    """The zip archive: the recordings and training copies (each with its sha256 in the JSON)
+    and the records."""
     files_meta: list[dict[str, Any]] = []
     names: list[str] = []
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -222,27 +246,32 @@ def write_archive(records: dict[str, Any], recordings_dir: Path, out: IO[bytes])
             check_recording_id(recording_id)
             present = []
             for path in recording_files(Path(recordings_dir), recording_id):
-                fd = _open_recording(path)
-                if fd is None:
-                    continue
-                digest = hashlib.sha256()
-                size = 0
-                with os.fdopen(fd, "rb") as source, archive.open(f"recordings/{path.name}", "w") as target:
-                    while chunk := source.read(1 << 16):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        target.write(chunk)
-                present.append({"name": path.name, "bytes": size, "sha256": digest.hexdigest()})
-                names.append(path.name)
+                added = _add_file(archive, path, f"recordings/{path.name}")
+                if added is not None:
+                    present.append(added)
+                    names.append(path.name)
             files_meta.append({"recording_id": recording_id, "files": present, "available": bool(present)})
-        document = {**{k: v for k, v in records.items() if k != "recording_ids"}, "recordings": files_meta}
+        copies_meta = []
+        for copy in records.get("training_copies", []):
+            copy_id = str(copy["copy_id"])
+            check_recording_id(copy_id)  # the same 32-hex shape: nothing else reaches a path
+            added = None
+            if copies_dir is not None:
+                added = _add_file(archive, Path(copies_dir) / f"{copy_id}.wav", f"training-copies/{copy_id}.wav")
+            if added is not None:
+                names.append(f"{copy_id}.wav")
+            copies_meta.append({**copy, "file": added, "available": added is not None})
+        document = {**{k: v for k, v in records.items() if k not in ("recording_ids", "training_copies")},
+                    "recordings": files_meta, "training_copies": copies_meta}
         archive.writestr("consent-records.json", json.dumps(document, indent=2, ensure_ascii=False) + "\n")
         archive.writestr("README.txt", (
             "Your call recordings and consent records.\n\n"
             "consent-records.json  every decision (purpose, legal basis, what you pressed, when),\n"
             "                      the ledger events behind it and any erasure carried out\n"
             "recordings/           the recordings of your calls (WAV); '-caller' / '-agent' files are\n"
-            "                      the two directions of the same call, kept for training purposes\n"))
+            "                      the two directions of the same call, kept for training purposes\n"
+            "training-copies/      de-identified copies made from those recordings for training\n"
+            "                      (your voice altered; still linked to you, so still yours)\n"))
     return ExportSummary(decisions=len(records["decisions"]), events=len(records["events"]),
                          recordings=list(records["recording_ids"]), files=names)
 
@@ -250,10 +279,12 @@ def write_archive(records: dict[str, Any], recordings_dir: Path, out: IO[bytes])
 async def export(
     connection: asyncpg.Connection, hmac_key: bytes, recordings_dir: Path, purposes: Mapping[str, Purpose],
     query: SubjectQuery, out: IO[bytes], *, clock: Callable[[], datetime] = utcnow, actor: str = "unknown",
+    copies_dir: Path | None = None,
 ) -> ExportSummary:
-    """Write the person's archive to ``out``; raises SubjectNotFound when nothing matches."""
+    """Write the person's archive to ``out``; raises SubjectNotFound when nothing matches.
+    ``copies_dir``: where training copies live; without it they are listed but not included."""
     records = await collect_records(connection, hmac_key, query, purposes, now=clock())
-    summary = await asyncio.to_thread(write_archive, records, Path(recordings_dir), out)
+    summary = await asyncio.to_thread(write_archive, records, Path(recordings_dir), out, copies_dir)
     log.info("subject.exported", by=records["requested_by"], decisions=summary.decisions,
              recordings=summary.recordings, actor=actor)
     return summary
@@ -270,6 +301,7 @@ class ErasureResult:
     recordings_deleted: list[dict[str, Any]] = field(default_factory=list)
     recordings_kept: list[dict[str, Any]] = field(default_factory=list)
     training_copies_erased: int = 0
+    training_copies_left: int = 0  # linked copies not erased because no copies directory was given
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -357,7 +389,15 @@ async def erase(
             for recording_id in copy_sources:
                 if await erase_training_copy(connection, recording_id, Path(copies_dir)) is not None:
                     result.training_copies_erased += 1
-    result.status = "refused" if not result.erased else "partial" if result.refused else "erased"
+        elif copy_sources:
+            # Without the directory the copies cannot be deleted: say so rather than claim "erased".
+            result.training_copies_left = await connection.fetchval(
+                "SELECT count(*) FROM training_copy_links WHERE recording_id = ANY($1::text[])", copy_sources)
+            if result.training_copies_left:
+                log.warning("subject.training_copies_left", copies=result.training_copies_left,
+                            hint="set CONSENT_GATE_TRAINING_DIR or --copies-dir and erase again")
+    result.status = ("refused" if not result.erased
+                     else "partial" if result.refused or result.training_copies_left else "erased")
     log.info("subject.erased", status=result.status, erased=len(result.erased), refused=len(result.refused),
              recordings_deleted=[r["recording_id"] for r in result.recordings_deleted],
              request_id=str(request_id), request_ref=request_ref, actor=actor)
@@ -403,7 +443,8 @@ def _cmd_subject(args: argparse.Namespace) -> int:
                 try:
                     with out:
                         return await export(connection, settings.hmac_key, settings.recordings_dir,
-                                            settings.purposes, query, out, actor=actor)
+                                            settings.purposes, query, out, actor=actor,
+                                            copies_dir=training_dir(args))
                 except BaseException:
                     args.out.unlink(missing_ok=True)
                     raise
@@ -443,6 +484,8 @@ def register_cli(subparsers: Any) -> None:
         cmd.add_argument("--actor", help="who handles the request (default cli:<user>)")
         if name == "export":
             cmd.add_argument("--out", type=Path, required=True, help="archive to create (0600, never overwritten)")
+            cmd.add_argument("--copies-dir", type=Path,
+                             help="training copies directory (default $CONSENT_GATE_TRAINING_DIR): their copies are included")
         else:
             cmd.add_argument("--reason", default="", help="recorded in the tombstone")
             cmd.add_argument("--request-ref", help="your ticket / case reference")

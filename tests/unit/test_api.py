@@ -256,3 +256,23 @@ async def test_serve_listens_where_configured_and_stops_cleanly(db: str, recdir:
         server.cancel()
         with pytest.raises(asyncio.CancelledError):
             await server
+
+
+async def test_api_exports_and_erases_the_training_copy(db: str, conn: asyncpg.Connection, recdir: Path,
+                                                         tmp_path: Path) -> None:
+    """The CRM path covers training copies too (they are still personal data while linked)."""
+    from .test_subject import add_training_copy
+
+    d = await add_decision(conn, at=T0, number=NUMBER)
+    copies = tmp_path / "copies"
+    copy_id = await add_training_copy(conn, d.recording_id, copies)
+    app = api.create_app(dsn=db, hmac_key=HMAC_KEY, recordings_dir=recdir, purposes=PURPOSES, token=TOKEN,
+                         clock=Clock(T0 + DAY), copies_dir=copies)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as copies_client:
+        response = await post(copies_client, "/v1/subject/export", {"consent_id": str(d.consent_id)})
+        archive = zipfile.ZipFile(io.BytesIO(await response.read()))
+        assert f"training-copies/{copy_id}.wav" in archive.namelist()
+        response = await post(copies_client, "/v1/subject/erase", {"consent_id": str(d.consent_id)})
+        result = await response.json()
+    assert (result["status"], result["training_copies_erased"]) == ("erased", 1)
+    assert not (copies / f"{copy_id}.wav").exists()

@@ -225,21 +225,59 @@ async def test_legal_hold_refuses_erasure_until_released(conn: asyncpg.Connectio
         "refusal", "erasure"]
 
 
+async def add_training_copy(conn: asyncpg.Connection, recording_id: str, copies: Path) -> str:
+    """A linked training copy of a recording, as consent_gate.training makes them."""
+    copies.mkdir(mode=0o700, exist_ok=True)
+    copy_id = uuid.uuid4().hex
+    (copies / f"{copy_id}.wav").write_bytes(b"RIFF-copy-" + copy_id.encode())
+    await conn.execute("INSERT INTO training_copies (copy_id, period, purpose, caller_leg, agent_leg, method,"
+                       " delete_after) VALUES ($1, '2031-03', 'training', 'mcadams', 'original', 'm', '2031-06-01')",
+                       copy_id)
+    await conn.execute("INSERT INTO training_copy_links VALUES ($1, $2)", recording_id, copy_id)
+    return copy_id
+
+
 async def test_erase_removes_the_training_copy_of_the_recording(
     conn: asyncpg.Connection, recdir: Path, tmp_path: Path,
 ) -> None:
     d = await add_decision(conn, at=T0, number=NUMBER)
     copies = tmp_path / "copies"
-    copies.mkdir(mode=0o700)
-    copy_id = uuid.uuid4().hex
-    (copies / f"{copy_id}.wav").write_bytes(b"RIFF")
-    await conn.execute("INSERT INTO training_copies (copy_id, period, purpose, caller_leg, agent_leg, method,"
-                       " delete_after) VALUES ($1, '2031-03', 'training', 'mcadams', 'original', 'm', '2031-06-01')",
-                       copy_id)
-    await conn.execute("INSERT INTO training_copy_links VALUES ($1, $2)", d.recording_id, copy_id)
+    copy_id = await add_training_copy(conn, d.recording_id, copies)
     result = await do_erase(conn, recdir, SubjectQuery(caller_number=NUMBER), copies_dir=copies)
     assert result.training_copies_erased == 1 and not (copies / f"{copy_id}.wav").exists()
     assert await conn.fetchval("SELECT count(*) FROM training_copies WHERE copy_id = $1", copy_id) == 0
+    assert result.status == "erased" and result.training_copies_left == 0
+
+
+async def test_erase_without_the_copies_directory_says_the_copy_is_left(
+    conn: asyncpg.Connection, recdir: Path, tmp_path: Path,
+) -> None:
+    d = await add_decision(conn, at=T0, number=NUMBER)
+    copies = tmp_path / "copies"
+    copy_id = await add_training_copy(conn, d.recording_id, copies)
+    result = await do_erase(conn, recdir, SubjectQuery(caller_number=NUMBER))
+    assert (result.status, result.training_copies_erased, result.training_copies_left) == ("partial", 0, 1)
+    assert (copies / f"{copy_id}.wav").exists()  # still linked, so a second request can find it
+    again = await do_erase(conn, recdir, SubjectQuery(consent_id=str(d.consent_id)), copies_dir=copies)
+    assert again.training_copies_erased == 1 and not (copies / f"{copy_id}.wav").exists()
+
+
+async def test_export_includes_the_training_copy(conn: asyncpg.Connection, recdir: Path, tmp_path: Path) -> None:
+    d = await add_decision(conn, at=T0, number=NUMBER)
+    write_recording(recdir, d.recording_id)
+    copies = tmp_path / "copies"
+    copy_id = await add_training_copy(conn, d.recording_id, copies)
+    out = io.BytesIO()
+    await subject.export(conn, HMAC_KEY, recdir, PURPOSES, SubjectQuery(caller_number=NUMBER), out,
+                         clock=Clock(T0 + DAY), copies_dir=copies)
+    archive = zipfile.ZipFile(out)
+    assert archive.read(f"training-copies/{copy_id}.wav") == (copies / f"{copy_id}.wav").read_bytes()
+    [listed] = records_of(archive)["training_copies"]
+    assert (listed["copy_id"], listed["recording_id"], listed["available"]) == (copy_id, d.recording_id, True)
+    assert "training-copies/" in archive.read("README.txt").decode()
+    # Without the directory the copy is still listed (the person learns it exists), not included.
+    listed_only = records_of(await do_export(conn, recdir, SubjectQuery(caller_number=NUMBER)))
+    assert [(c["copy_id"], c["available"]) for c in listed_only["training_copies"]] == [(copy_id, False)]
 
 
 async def test_erasure_and_sweepers_at_once_delete_each_thing_once(
