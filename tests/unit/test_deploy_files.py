@@ -71,9 +71,9 @@ def test_example_holds_no_secret() -> None:
     assert "@" not in flat["ledger.dsn"] and "password" not in flat["ledger.dsn"]
 
 
-def _unit() -> dict[str, list[str]]:
+def _unit(path: Path = UNIT) -> dict[str, list[str]]:
     values: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line and not line.startswith(("#", "[")) and "=" in line:
             key, _, value = line.partition("=")
             values.setdefault(key, []).append(value)
@@ -109,3 +109,27 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "consent-gate-ari.service" not in done.stderr, done.stderr
+
+
+API_UNIT = ROOT / "deploy" / "consent-gate-api.service"
+
+
+def test_api_unit_owns_what_it_deletes_and_reads_its_token_as_a_credential() -> None:
+    unit = _unit(API_UNIT)
+    assert unit["User"] == ["asterisk"] and unit["SupplementaryGroups"] == ["consent-gate"]
+    assert unit["ProtectSystem"] == ["strict"] and unit["NoNewPrivileges"] == ["yes"]
+    assert unit["ReadWritePaths"] == [str(load_settings(EXAMPLE, env=SECRET_ENV).recordings_dir)]
+    assert {value.split(":", 1)[0] for value in unit["LoadCredential"]} == {"hmac-key", "api-token"}
+    assert "CONSENT_GATE_API_TOKEN_FILE=%d/api-token" in unit["Environment"]
+    assert not [e for e in unit["Environment"] if re.match(r"CONSENT_GATE_\w*(PASSWORD|KEY|SECRET|TOKEN)=", e)]
+    assert unit["ExecStart"] == ["/usr/local/bin/consent-gate api serve --config /etc/consent-gate/consent-gate.toml"]
+
+
+def test_api_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    entry = shutil.which("consent-gate") or str(Path(sys.executable).with_name("consent-gate"))
+    assert Path(entry).exists(), "consent-gate is not installed (pip install -e .)"
+    copy = tmp_path / "consent-gate-api.service"
+    copy.write_text(API_UNIT.read_text().replace("/usr/local/bin/consent-gate", entry))
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "consent-gate-api.service" not in done.stderr, done.stderr
