@@ -108,6 +108,7 @@ class Rig:
     work_dir: Path
     pg_port: int
     extra_env: dict[str, str] = field(default_factory=dict)
+    started_asterisk: bool = False  # set by start(): stop() takes down only what start() brought up
 
     async def start(self) -> None:
         from consent_gate.ledger import migrate
@@ -116,6 +117,8 @@ class Rig:
         from consent_gate.rig.sandbox import AsteriskSandbox, SandboxSettings
 
         self.asterisk = AsteriskSandbox(SandboxSettings.from_env())
+        # A sandbox that was already up (e.g. a developer's) stays up; one we start, we stop.
+        self.started_asterisk = not self.asterisk.is_running()
         self.asterisk.up()
         self.asterisk.reload_dialplan()
         # Not under /tmp/pytest-*: its directories are 0700 root, postgres must enter.
@@ -130,6 +133,8 @@ class Rig:
         await self.gate.stop()
         self.pg.destroy()
         shutil.rmtree(self.pg_base, ignore_errors=True)
+        if self.started_asterisk:
+            self.asterisk.down()
 
     @property
     def asterisk_pid(self) -> int:

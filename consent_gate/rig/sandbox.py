@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import secrets
+import socket
 import shutil
 import signal
 import subprocess
@@ -445,6 +446,7 @@ class AsteriskSandbox:
             self.install_files()
             self.wait_booted(boot_timeout)
             return
+        self.check_ports_free()
         self.provider.prepare()
         for secret_name in ("ari_password", "ami_password", "sip_password"):
             if not getattr(self.state, secret_name):
@@ -455,6 +457,26 @@ class AsteriskSandbox:
         self.provider.start(self.settings, self.state, log_dir / "console.log")
         self._save_state()
         self.wait_booted(boot_timeout)
+
+    def check_ports_free(self) -> None:
+        """Refuse to start on ports another process holds: Asterisk would start anyway, fail to
+        bind, and our requests would reach the other PBX (e.g. a second sandbox: HTTP 401)."""
+        wanted = (("CONSENT_GATE_SANDBOX_SIP_PORT", socket.SOCK_DGRAM, self.settings.sip_port),
+                  ("CONSENT_GATE_SANDBOX_SIP_PORT", socket.SOCK_STREAM, self.settings.sip_port),
+                  ("CONSENT_GATE_SANDBOX_HTTP_PORT", socket.SOCK_STREAM, self.settings.http_port),
+                  ("CONSENT_GATE_SANDBOX_AMI_PORT", socket.SOCK_STREAM, self.settings.ami_port))
+        for variable, kind, port in wanted:
+            with socket.socket(socket.AF_INET, kind) as probe:
+                if kind == socket.SOCK_STREAM:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError as error:
+                    proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+                    raise SandboxError(
+                        f"sandbox {self.settings.name!r}: 127.0.0.1:{port}/{proto} is in use ({error.strerror}); "
+                        f"another sandbox or PBX holds it -- stop it (consent-gate-sandbox down, with its "
+                        f"CONSENT_GATE_SANDBOX_NAME) or choose another port with {variable}") from None
 
     def install_files(self) -> None:
         """(Re)write config, dialplan and prompt audio into the instance directory."""
