@@ -1,0 +1,49 @@
+-- consent-gate: least-privilege database roles.  Not a migration (roles are cluster-wide and
+-- need a privileged user): run it once, and again after each `consent-gate db migrate`, as a
+-- superuser or the database owner:
+--
+--   psql -v ON_ERROR_STOP=1 -d consent_gate -f sql/roles/roles.sql
+--
+-- consent_gate_gate   the ARI service and the AGI script: INSERT decisions into the ledger and
+--                     nothing else -- it cannot read other callers' decisions, change or delete
+--                     one, or touch the triggers.
+-- consent_gate_admin  the retention sweeper, legal holds, data-subject export/erase (CLI and
+--                     API) and the training-copy worker: read the ledger, append tombstones
+--                     and holds, redact only through consent_redact(), manage training copies.
+--
+-- Both are NOLOGIN groups: give your service users membership, e.g.
+--   CREATE ROLE asterisk LOGIN IN ROLE consent_gate_gate;            -- peer auth, no password
+--   CREATE ROLE consent_gate_tools LOGIN IN ROLE consent_gate_admin;
+-- Neither owns a table, so neither can ALTER TABLE ... DISABLE TRIGGER: the append-only
+-- guarantee holds against the service's own credentials.  Keep the owning (migrating) role for
+-- migrations only.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'consent_gate_gate') THEN
+        CREATE ROLE consent_gate_gate NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'consent_gate_admin') THEN
+        CREATE ROLE consent_gate_admin NOLOGIN;
+    END IF;
+END
+$$;
+
+-- Start from nothing, so rerunning after a migration leaves exactly the grants below.
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM consent_gate_gate, consent_gate_admin;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM consent_gate_gate, consent_gate_admin;
+GRANT USAGE ON SCHEMA public TO consent_gate_gate, consent_gate_admin;
+
+-- The gate: one INSERT per decision (ON CONFLICT DO NOTHING needs nothing more; the journal
+-- replay is the same INSERT), and the id sequence behind it.
+GRANT INSERT ON consent_events TO consent_gate_gate;
+-- ON CONFLICT (event_id) reads the conflict target: that one column (a random UUID), no other.
+GRANT SELECT (event_id) ON consent_events TO consent_gate_gate;
+GRANT USAGE ON SEQUENCE consent_events_seq_seq TO consent_gate_gate;
+
+-- The tools.
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO consent_gate_admin;
+GRANT INSERT ON consent_events, data_erasures, legal_holds TO consent_gate_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON training_copies, training_copy_links TO consent_gate_admin;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO consent_gate_admin;
+GRANT EXECUTE ON FUNCTION consent_redact(uuid, timestamptz) TO consent_gate_admin;
