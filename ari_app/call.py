@@ -57,6 +57,11 @@ async def release_unrecorded(
     ARI continue to the label; if the include lacks the label (an older one), clear the result
     and continue to the Stasis() call.  Raises AriError if the channel could not be released
     safely; it is then never continued."""
+    channel = await client.get_channel(channel_id)
+    if channel is None or (channel.get("dialplan") or {}).get("app_name") != "Stasis":
+        # Hung up, or already back in the dialplan (a continue that did arrive): nothing to
+        # release -- and a Redirect there would pull the caller out of the admin's next step.
+        return
     if ami is not None and channel_name:
         try:
             await ami.action("Redirect", Channel=channel_name, Context=RELEASE_CONTEXT, Exten="s",
@@ -70,7 +75,7 @@ async def release_unrecorded(
         return
     except ChannelGone:
         # 404: the caller hung up, or the dialplan has no such label.
-        if not await client.channel_exists(channel_id):
+        if await client.get_channel(channel_id) is None:
             return
     await client.set_var(channel_id, RESULT_VARIABLE, "", timeout=fallback_timeout)
     await client.continue_in_dialplan(channel_id)

@@ -229,8 +229,10 @@ class AriClient:
         path = f"/channels/{_q(channel_id)}/continue"
         await self.request("POST", path, params=params, gone_ok=gone_ok)
 
-    async def channel_exists(self, channel_id: str) -> bool:
-        return await self.request("GET", f"/channels/{_q(channel_id)}", gone_ok=True) is not None
+    async def get_channel(self, channel_id: str) -> dict[str, Any] | None:
+        """The channel's snapshot, or None if it is gone."""
+        body = await self.request("GET", f"/channels/{_q(channel_id)}", gone_ok=True)
+        return body if isinstance(body, dict) else None
 
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         """Yield ARI events forever, reconnecting on failure, until close() or the consumer stops.

@@ -19,6 +19,7 @@ import pytest
 import structlog
 from aiohttp import web
 
+from ari_app.ami import AmiClient, AmiConfig
 from ari_app.transport import AriClient, AriConfig, AriError, ChannelGone, backoff_delay
 
 T = 3.0  # upper bound for any single wait; generous for slow CI, never actually slept
@@ -541,44 +542,64 @@ async def test_only_one_events_iteration_at_a_time(fake: FakeAri, client: AriCli
 
 # -- releasing a call unrecorded (ari_app.call.release_unrecorded) ---------------------------
 
+IN_STASIS = (200, {"id": "c1", "dialplan": {"app_name": "Stasis"}})
+LABEL = {"context": "consent-gate-released", "extension": "s", "label": "release"}
+
+
 async def test_release_continues_at_the_label_that_clears_the_result(fake: FakeAri, client: AriClient) -> None:
     from ari_app.call import release_unrecorded
 
+    fake.responses[("GET", "/ari/channels/c1")] = IN_STASIS
     await release_unrecorded(client, "c1", fallback_timeout=1)
     assert [(r["method"], r["raw_path"], r["query"]) for r in fake.requests] == [
-        ("POST", "/ari/channels/c1/continue", {"context": "consent-gate-released", "extension": "s", "label": "release"}),
+        ("GET", "/ari/channels/c1", {}),
+        ("POST", "/ari/channels/c1/continue", LABEL),
     ]
 
 
 async def test_release_without_the_label_clears_the_result_then_continues(fake: FakeAri, client: AriClient) -> None:
-    """An older include has no "released" label (ARI: 404 while the channel exists)."""
+    """An older include has no "release" label (ARI: 404 while the channel exists)."""
     from ari_app.call import release_unrecorded
 
     fake.responses[("POST", "/ari/channels/c1/continue")] = (404, {"message": "Requested label: release can not be found"})
-    fake.responses[("GET", "/ari/channels/c1")] = (200, {"id": "c1"})
+    fake.responses[("GET", "/ari/channels/c1")] = IN_STASIS
     await release_unrecorded(client, "c1", fallback_timeout=1)
     assert [(r["method"], r["raw_path"], r["query"]) for r in fake.requests] == [
-        ("POST", "/ari/channels/c1/continue", {"context": "consent-gate-released", "extension": "s", "label": "release"}),
+        ("GET", "/ari/channels/c1", {}),
+        ("POST", "/ari/channels/c1/continue", LABEL),
         ("GET", "/ari/channels/c1", {}),
         ("POST", "/ari/channels/c1/variable", {"variable": "CONSENT_RESULT", "value": ""}),
         ("POST", "/ari/channels/c1/continue", {}),  # back to the Stasis() call, result cleared
     ]
 
 
-async def test_release_of_a_channel_that_hung_up_is_done(fake: FakeAri, client: AriClient) -> None:
+@pytest.mark.parametrize("channel", [(404, {"message": "Channel not found"}),
+                                     (200, {"id": "c1", "dialplan": {"app_name": "Dial"}})],
+                         ids=["hung-up", "back-in-the-dialplan"])
+async def test_release_leaves_a_channel_that_is_not_in_stasis_alone(
+    fake: FakeAri, client: AriClient, channel: tuple[int, dict]
+) -> None:
+    """Nothing to release -- and pulling a caller out of the admin's Dial() would end the call."""
     from ari_app.call import release_unrecorded
 
-    fake.responses[("POST", "/ari/channels/c1/continue")] = (404, {"message": "Channel not found"})
-    fake.responses[("GET", "/ari/channels/c1")] = (404, {"message": "Channel not found"})
-    await release_unrecorded(client, "c1", fallback_timeout=1)
-    assert [r["raw_path"] for r in fake.requests] == ["/ari/channels/c1/continue", "/ari/channels/c1"]
+    fake.responses[("GET", "/ari/channels/c1")] = channel
+    ami_server = FakeAmi("Success")
+    await ami_server.start()
+    ami = AmiClient(AmiConfig("127.0.0.1", ami_server.port, "cg", "secret", timeout=2))
+    try:
+        await release_unrecorded(client, "c1", fallback_timeout=1, ami=ami, channel_name="PJSIP/caller-0001")
+    finally:
+        await ami.close()
+        await ami_server.stop()
+    assert [r["raw_path"] for r in fake.requests] == ["/ari/channels/c1"]
+    assert ami_server.actions == []
 
 
 async def test_release_that_cannot_clear_the_result_never_continues(fake: FakeAri, client: AriClient) -> None:
     from ari_app.call import release_unrecorded
 
     fake.responses[("POST", "/ari/channels/c1/continue")] = (404, {"message": "label not found"})
-    fake.responses[("GET", "/ari/channels/c1")] = (200, {"id": "c1"})
+    fake.responses[("GET", "/ari/channels/c1")] = IN_STASIS
     fake.responses[("POST", "/ari/channels/c1/variable")] = (500, {"message": "boom"})
     with pytest.raises(AriError):
         await release_unrecorded(client, "c1", fallback_timeout=1)
@@ -626,9 +647,9 @@ async def test_release_redirects_over_ami_first_and_falls_back_to_ari(
 ) -> None:
     """AMI Redirect cuts a playing prompt short (ARI would wait for it); if AMI refuses, ARI's
     continue to the label does the release."""
-    from ari_app.ami import AmiClient, AmiConfig
     from ari_app.call import release_unrecorded
 
+    fake.responses[("GET", "/ari/channels/c1")] = IN_STASIS
     ami_server = FakeAmi(reply)
     await ami_server.start()
     ami = AmiClient(AmiConfig("127.0.0.1", ami_server.port, "cg", "secret", timeout=2))
@@ -641,4 +662,4 @@ async def test_release_redirects_over_ami_first_and_falls_back_to_ari(
     assert {k: redirect[k] for k in ("Channel", "Context", "Exten", "Priority")} == {
         "Channel": "PJSIP/caller-0001", "Context": "consent-gate-released", "Exten": "s", "Priority": "release"}
     ari_calls = [(r["method"], r["raw_path"]) for r in fake.requests]
-    assert ari_calls == ([] if reply == "Success" else [("POST", "/ari/channels/c1/continue")])
+    assert ari_calls == [("GET", "/ari/channels/c1")] + ([] if reply == "Success" else [("POST", "/ari/channels/c1/continue")])
