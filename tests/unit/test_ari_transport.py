@@ -580,17 +580,8 @@ async def test_release_leaves_a_channel_that_is_not_in_stasis_alone(
     fake: FakeAri, client: AriClient, channel: tuple[int, dict]
 ) -> None:
     """Nothing to release -- and pulling a caller out of the admin's Dial() would end the call."""
-    from ari_app.call import release_unrecorded
-
     fake.responses[("GET", "/ari/channels/c1")] = channel
-    ami_server = FakeAmi("Success")
-    await ami_server.start()
-    ami = AmiClient(AmiConfig("127.0.0.1", ami_server.port, "cg", "secret", timeout=2))
-    try:
-        await release_unrecorded(client, "c1", fallback_timeout=1, ami=ami, channel_name="PJSIP/caller-0001")
-    finally:
-        await ami.close()
-        await ami_server.stop()
+    ami_server = await release_with_ami(client, "Success")
     assert [r["raw_path"] for r in fake.requests] == ["/ari/channels/c1"]
     assert ami_server.actions == []
 
@@ -647,10 +638,20 @@ async def test_release_redirects_over_ami_first_and_falls_back_to_ari(
 ) -> None:
     """AMI Redirect cuts a playing prompt short (ARI would wait for it); if AMI refuses, ARI's
     continue to the label does the release."""
+    fake.responses[("GET", "/ari/channels/c1")] = IN_STASIS
+    ami_server = await release_with_ami(client, reply)
+    [redirect] = [a for a in ami_server.actions if a["Action"] == "Redirect"]
+    assert {k: redirect[k] for k in ("Channel", "Context", "Exten", "Priority")} == {
+        "Channel": "PJSIP/caller-0001", "Context": "consent-gate-released", "Exten": "s", "Priority": "release"}
+    ari_calls = [(r["method"], r["raw_path"]) for r in fake.requests]
+    assert ari_calls == [("GET", "/ari/channels/c1")] + ([] if reply == "Success" else [("POST", "/ari/channels/c1/continue")])
+
+
+async def release_with_ami(client: AriClient, redirect_reply: str) -> FakeAmi:
+    """Run release_unrecorded("c1") with an AMI that answers Redirect with ``redirect_reply``."""
     from ari_app.call import release_unrecorded
 
-    fake.responses[("GET", "/ari/channels/c1")] = IN_STASIS
-    ami_server = FakeAmi(reply)
+    ami_server = FakeAmi(redirect_reply)
     await ami_server.start()
     ami = AmiClient(AmiConfig("127.0.0.1", ami_server.port, "cg", "secret", timeout=2))
     try:
@@ -658,8 +659,4 @@ async def test_release_redirects_over_ami_first_and_falls_back_to_ari(
     finally:
         await ami.close()
         await ami_server.stop()
-    [redirect] = [a for a in ami_server.actions if a["Action"] == "Redirect"]
-    assert {k: redirect[k] for k in ("Channel", "Context", "Exten", "Priority")} == {
-        "Channel": "PJSIP/caller-0001", "Context": "consent-gate-released", "Exten": "s", "Priority": "release"}
-    ari_calls = [(r["method"], r["raw_path"]) for r in fake.requests]
-    assert ari_calls == [("GET", "/ari/channels/c1")] + ([] if reply == "Success" else [("POST", "/ari/channels/c1/continue")])
+    return ami_server
