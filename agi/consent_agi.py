@@ -110,15 +110,12 @@ async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision |
     try:
         gate = GateContext(settings, catalog, ledger)
         await port._call(agi.answer)
-        result = await run_gate(port, call, purposes, gate, DialogState())
+        state = DialogState()
+        result = await run_gate(port, call, purposes, gate, state)
         if result.status is not Decision.ABANDONED:
             await port.set_result(result)
             primary = next((p for p in purposes if p.name == result.purpose), purposes[0])
-            after = MidCallState(
-                call=call, purpose=primary, consent_id=result.consent_id,
-                language=pick_language(call.language, catalog.languages, settings.default_language),
-                recording_id=result.recording_id, caller_records=result.caller_records,
-            )
+            after = MidCallState.after_dialog(call, primary, result, state.language)
             await port.set_agent_notice(after.agent_greeting_media(gate))
         return result.status
     except CallerHungUp:

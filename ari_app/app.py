@@ -119,11 +119,7 @@ class ConsentGateApp:
         purpose = self.gate.settings.purpose(result.purpose)
         if purpose is None or result.status is Decision.ABANDONED:
             return
-        state = MidCallState(
-            call=session.call, purpose=purpose, consent_id=result.consent_id,
-            language=session.state.language, recording_id=result.recording_id,
-            caller_records=result.caller_records,
-        )
+        state = MidCallState.after_dialog(session.call, purpose, result, session.state.language)
         watch = CallWatch(self.client, self.ami, self.gate, session.channel_id, session.channel_name, state)
         await watch.subscribe_caller()
         self.watches[session.channel_id] = watch

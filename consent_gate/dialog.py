@@ -141,11 +141,11 @@ class DialogResult:
         """The value of ``CONSENT_RESULT``: every result variable in one string, so handing the
         result back is one atomic step (one REST request in ARI mode instead of eight).
         ``[consent-gate-apply]`` unpacks it with ``CUT()`` in :data:`RESULT_FIELDS` order."""
-        values = list(self.channel_variables().values())
-        for name, value in zip(RESULT_FIELDS, values, strict=True):
-            if RESULT_SEPARATOR in value:
-                raise ValueError(f"{name} contains the separator {RESULT_SEPARATOR!r}: {value!r}")
-        return RESULT_SEPARATOR.join(values)
+        variables = self.channel_variables()
+        for name in RESULT_FIELDS:
+            if RESULT_SEPARATOR in variables[name]:
+                raise ValueError(f"{name} contains the separator {RESULT_SEPARATOR!r}: {variables[name]!r}")
+        return RESULT_SEPARATOR.join(variables[name] for name in RESULT_FIELDS)
 
 
 @dataclass

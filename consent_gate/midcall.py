@@ -22,7 +22,7 @@ from datetime import datetime
 import structlog
 
 from .config import DialogSettings, Purpose
-from .dialog import CallInfo, GateContext, event_for
+from .dialog import CallInfo, DialogResult, GateContext, event_for
 from .events import ConsentEvent, EventKind
 from .prompts import PromptError
 
@@ -91,6 +91,12 @@ class MidCallState:
     caller_records: bool = False
     withdrawn: bool = False
     paused_at: datetime | None = None
+
+    @classmethod
+    def after_dialog(cls, call: CallInfo, purpose: Purpose, result: DialogResult, language: str) -> MidCallState:
+        """The state a call is in once the consent dialog has handed its result back."""
+        return cls(call=call, purpose=purpose, consent_id=result.consent_id, language=language,
+                   recording_id=result.recording_id, caller_records=result.caller_records)
 
     @property
     def recording(self) -> bool:

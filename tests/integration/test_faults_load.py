@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -293,15 +294,19 @@ def check_invariant(calls: list[LocalCall], events: dict[str, list[dict]], new_f
 
 async def settled_report(calls: list[LocalCall], dsn: str, recordings_dir: Path, before: set[str],
                          log: AsteriskLog, timeout: float = 30.0) -> InvariantReport:
-    """Re-check until the ledger and the recordings settle (withdrawal deletes asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """Re-check until the ledger and the recordings settle (withdrawal deletes asynchronously);
+    the last report, violations and all, once ``timeout`` has passed."""
+    latest: list[InvariantReport] = []
+
+    async def settled() -> bool:
         events = await call_events(dsn, [c.gate_channel for c in calls])
         new_files = {p.name for p in recordings_dir.iterdir()} - before
-        report = check_invariant(calls, events, new_files, log.text())
-        if not report.violations or time.monotonic() > deadline:
-            return report
-        await asyncio.sleep(0.5)
+        latest[:] = [check_invariant(calls, events, new_files, log.text())]
+        return not latest[0].violations
+
+    with contextlib.suppress(TimeoutError):  # the caller asserts on the report's violations
+        await wait_until(settled, timeout, "the invariant to hold", interval=0.5)
+    return latest[0]
 
 
 async def random_run(asterisk: AsteriskSandbox, dsn: str, log: AsteriskLog, *, calls: int, concurrency: int,
