@@ -1,4 +1,5 @@
-"""The ARI application: routes events to per-call sessions and owns their lifetimes."""
+"""The ARI application: turns StasisStart into calls, routes every other event by index
+(``ari_app.router``) and owns the calls' lifetimes."""
 
 from __future__ import annotations
 
@@ -9,19 +10,21 @@ from typing import Any
 
 import structlog
 
+from consent_gate import contract
 from consent_gate.dialog import CallInfo, DialogResult, GateContext, parse_purposes
 from consent_gate.events import Decision
-from consent_gate.midcall import MidCallState
 
 from . import metrics
 from .ami import AmiClient
-from .call import CallSession, release_unrecorded
-from .midcall import SNOOP_ARG, CallWatch
+from .call import Call, CallState, release_unrecorded
+from .midcall import SNOOP_ARG
+from .router import Router
 from .transport import AriClient, AriError
 
 log = structlog.get_logger(__name__)
 
-# After StasisEnd a session gets this long to finish its shielded work before it is cancelled.
+# After StasisEnd a call still in its dialog gets this long to finish its shielded work before
+# it is cancelled.  (A call that handed its result back lives on until the hangup.)
 CLEANUP_GRACE = 5.0
 # Longer than the longest prompt a dead process may have left playing.
 ORPHAN_RELEASE_TIMEOUT = 60.0
@@ -32,9 +35,9 @@ class ConsentGateApp:
     client: AriClient
     gate: GateContext
     ami: AmiClient | None = None
-    sessions: dict[str, CallSession] = field(default_factory=dict)
-    watches: dict[str, CallWatch] = field(default_factory=dict)
-    _reapers: set[asyncio.Task[None]] = field(default_factory=set)
+    router: Router = field(default_factory=Router)
+    calls: set[Call] = field(default_factory=set)
+    _helpers: set[asyncio.Task[None]] = field(default_factory=set)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
@@ -47,92 +50,74 @@ class ConsentGateApp:
             await self.shutdown()
 
     async def dispatch(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        match kind:
+        match event.get("type"):
             case "TransportConnected":
                 self.connected.set()
                 metrics.ari_connected()
-                await self._release_orphans()
+                self._in_background(self._adopt_or_release_orphans(), "orphans")
             case "TransportDisconnected":
                 self.connected.clear()
                 metrics.ari_disconnected()
                 # A PlaybackFinished or DTMF may have been lost: every open dialog fails closed.
-                for session in list(self.sessions.values()):
-                    session.deliver(event)
+                for call in self.calls:
+                    if call.state in (CallState.ANSWERING, CallState.ASKING, CallState.STORING):
+                        call.deliver(event)
             case "StasisStart":
                 self._on_stasis_start(event)
-            case "PlaybackFinished" if self._whisper_finished(event):
-                pass
             case _:
-                channel_id = _channel_id(event)
-                session = self.sessions.get(channel_id) if channel_id else None
-                if session is not None and not session.handed_over:
-                    session.deliver(event)
-                    if kind in ("StasisEnd", "ChannelDestroyed"):
-                        self._schedule_cleanup(session)
-                    return
-                bridge_id = str(_object(event.get("bridge")).get("id") or "")
-                for watch in self.watches.values():
-                    if channel_id in watch.channel_ids() or (bridge_id and bridge_id in watch.bridges):
-                        watch.deliver(event)
+                self.router.route(event)
+                if event.get("type") in ("StasisEnd", "ChannelDestroyed"):
+                    for handler in self.router.handlers(f"channel:{_channel_id(event)}"):
+                        if isinstance(handler, Call) and handler.channel_id == _channel_id(event):
+                            self._schedule_cleanup(handler)
+
+    def count_dialogs(self) -> int:
+        return sum(1 for call in self.calls if call.state not in (CallState.WATCHING, CallState.ENDED))
+
+    def count_watches(self) -> int:
+        return sum(1 for call in self.calls if call.state is CallState.WATCHING)
 
     def _on_stasis_start(self, event: dict[str, Any]) -> None:
         channel = _object(event.get("channel"))
         channel_id = str(channel.get("id") or "")
-        if not channel_id or channel_id in self.sessions:
+        if not channel_id:
             return
         args = event.get("args") if isinstance(event.get("args"), list) else []
         purpose_name = str(args[0]) if args else ""
         if purpose_name == SNOOP_ARG:
-            # Our own whisper channel: its CallWatch plays the notice once it is in Stasis.
-            for watch in self.watches.values():
-                if watch.snoop_started(channel_id):
-                    break
+            # Our own whisper channel: the call that made it plays the notice once it is in Stasis.
+            self.router.route(event)
             return
+        if any(call.channel_id == channel_id and call.state not in (CallState.WATCHING, CallState.ENDED)
+               for call in self.calls):
+            return  # a duplicate StasisStart for a dialog that runs already
         caller = _object(channel.get("caller"))
-        call = CallInfo(
+        info = CallInfo(
             call_id=channel_id,
             caller_number=str(caller.get("number") or ""),
             language=str(channel.get("language") or ""),
         )
-        session = CallSession(
-            client=self.client, gate=self.gate, channel_id=channel_id, call=call,
+        call = Call(
+            client=self.client, gate=self.gate, router=self.router, channel_id=channel_id, info=info,
             purposes=parse_purposes(purpose_name, self.gate.settings),
-            channel_name=str(channel.get("name") or ""), on_decided=self._watch_call, ami=self.ami,
+            channel_name=str(channel.get("name") or ""), ami=self.ami, on_dialog_done=metrics.observe_call,
         )
-        self.sessions[channel_id] = session
-        session.task = asyncio.create_task(self._run_session(session), name=f"call-{channel_id}")
+        self._start(call)
 
-    async def _run_session(self, session: CallSession) -> None:
+    def _start(self, call: Call) -> None:
+        self.calls.add(call)
+        call.task = asyncio.create_task(self._run_call(call), name=f"call-{call.channel_id}")
+
+    async def _run_call(self, call: Call) -> None:
         try:
-            await session.run()
+            await call.run()
         finally:
-            self.sessions.pop(session.channel_id, None)
+            self.calls.discard(call)  # by identity: a newer call on the same channel stays
 
-    def _whisper_finished(self, event: dict[str, Any]) -> bool:
-        playback_id = str(_object(event.get("playback")).get("id") or "")
-        return any(watch.playback_finished(playback_id) for watch in self.watches.values())
-
-    async def _watch_call(self, session: CallSession, result: DialogResult) -> None:
-        """The rest of the call: withdrawal, caller-records notice, secure pause, agent notices.
-        Runs before the channel leaves Stasis: the subscription is in place before it does."""
-        purpose = self.gate.settings.purpose(result.purpose)
-        if purpose is None or result.status is Decision.ABANDONED:
-            return
-        state = MidCallState.after_dialog(session.call, purpose, result, session.state.language)
-        watch = CallWatch(self.client, self.ami, self.gate, session.channel_id, session.channel_name, state)
-        await watch.subscribe_caller()
-        self.watches[session.channel_id] = watch
-        for event in session.hand_over_events():
-            if event.get("type") == "ChannelDtmfReceived":
-                watch.deliver(event)  # keyed while the decision was being stored
-        watch.task = asyncio.create_task(watch.run(), name=f"watch-{session.channel_id}")
-        watch.task.add_done_callback(lambda _: self.watches.pop(session.channel_id, None))
-
-    def _schedule_cleanup(self, session: CallSession) -> None:
-        """Cancel a session that outlives its channel by more than the grace period."""
-        task = session.task
-        if task is None or task.done():
+    def _schedule_cleanup(self, call: Call) -> None:
+        """Cancel a call still in its dialog that outlives its channel by more than the grace period."""
+        task = call.task
+        if task is None or task.done() or call.state in (CallState.WATCHING, CallState.ENDED):
             return
 
         async def reap() -> None:
@@ -141,37 +126,80 @@ class ConsentGateApp:
             if not task.done():
                 task.cancel()
 
-        reaper = asyncio.create_task(reap())
-        self._reapers.add(reaper)
-        reaper.add_done_callback(self._reapers.discard)
+        self._in_background(reap(), f"reap-{call.channel_id}")
 
-    async def _release_orphans(self) -> None:
-        """Channels left in our app by an earlier process (crash, restart) go on without recording."""
+    def _in_background(self, work: Any, name: str) -> None:
+        helper = asyncio.create_task(work, name=name)
+        self._helpers.add(helper)
+        helper.add_done_callback(self._helpers.discard)
+
+    # -- after a restart -------------------------------------------------------------------------
+    async def _adopt_or_release_orphans(self) -> None:
+        """Channels left in our app by an earlier process (crash, restart): a caller still in
+        Stasis goes on without recording; a call that had handed its result back gets its
+        mid-call rights back (withdrawal, pause), rebuilt from its channel variables."""
         try:
             info = await self.client.request("GET", f"/applications/{self.client_app}")
         except AriError as error:
             log.warning("ari.orphan_scan_failed", error=str(error))
             return
-        for channel_id in (info or {}).get("channel_ids", []):
-            if channel_id in self.sessions or any(channel_id in w.channel_ids() for w in self.watches.values()):
+        known = {call.channel_id for call in self.calls}
+        for channel_id in _object(info).get("channel_ids", []):
+            if not isinstance(channel_id, str) or channel_id in known or channel_id.startswith("cg-snoop-"):
                 continue
             try:
-                channel = await self.client.request("GET", f"/channels/{channel_id}")
+                channel = await self.client.get_channel(channel_id)
             except AriError:
                 continue
-            if (channel or {}).get("dialplan", {}).get("app_name") != "Stasis":
-                # Subscribed by an earlier process for mid-call keys, not waiting in Stasis.
-                with contextlib.suppress(AriError):
-                    await self.client.request("DELETE", f"/applications/{self.client_app}/subscription",
-                                              params={"eventSource": f"channel:{channel_id}"})
+            if channel is None:
+                continue
+            if _object(channel.get("dialplan")).get("app_name") != "Stasis":
+                await self._adopt(channel_id, channel)
                 continue
             log.warning("ari.orphan_released", channel=channel_id)
             # Its own task: without AMI, ARI runs the release behind the dead process's playback
             # (up to the prompt's length), and new calls' events must not wait for that.
-            name = str((channel or {}).get("name") or "")
-            release = asyncio.create_task(self._release_orphan(channel_id, name), name=f"orphan-{channel_id}")
-            self._reapers.add(release)
-            release.add_done_callback(self._reapers.discard)
+            name = str(channel.get("name") or "")
+            self._in_background(self._release_orphan(channel_id, name), f"orphan-{channel_id}")
+
+    async def _adopt(self, channel_id: str, channel: dict[str, Any]) -> None:
+        """A call an earlier process handed back and watched: watch it again."""
+        try:
+            fields = contract.unpack_result(await self.client.get_var(channel_id, contract.RESULT_VARIABLE))
+            withdrawn = await self.client.get_var(channel_id, contract.WITHDRAWN_VARIABLE) == "1"
+            caller_records = await self.client.get_var(channel_id, contract.CALLER_RECORDS_VARIABLE) == "1"
+            paused_at = contract.valid_time(await self.client.get_var(channel_id, contract.PAUSED_AT_VARIABLE))
+        except AriError as error:
+            log.warning("ari.adopt_failed", channel=channel_id, error=str(error))
+            return
+        purpose = self.gate.settings.purpose(fields["CONSENT_PURPOSE"]) if fields else None
+        if fields is None or purpose is None:
+            # Not ours to watch (or unreadable): drop the earlier process's subscription.
+            with contextlib.suppress(AriError):
+                await self.client.request("DELETE", f"/applications/{self.client_app}/subscription",
+                                          params={"eventSource": f"channel:{channel_id}"})
+            return
+        caller = _object(channel.get("caller"))
+        info = CallInfo(call_id=channel_id, caller_number=str(caller.get("number") or ""),
+                        language=str(channel.get("language") or ""))
+        status = Decision(fields["CONSENT_STATUS"])
+        result = DialogResult(
+            status=status, consent_id=fields["CONSENT_ID"],
+            recording_id=(fields["CONSENT_RECORDING_ID"] or None) if status in (
+                Decision.GRANTED, Decision.NOTIFIED) else None,
+            confirmation=None, caller_records=fields["CONSENT_CALLER_RECORDS"] == "1" or caller_records,
+            purpose=purpose.name)
+        call = Call(client=self.client, gate=self.gate, router=self.router, channel_id=channel_id, info=info,
+                    purposes=[purpose], channel_name=str(channel.get("name") or ""), ami=self.ami)
+        try:
+            await call.adopt(result, withdrawn=withdrawn, paused_at=paused_at)
+        except AriError as error:
+            self.router.remove_all(call)
+            log.warning("ari.adopt_failed", channel=channel_id, error=str(error))
+            return
+        log.info("ari.call_adopted", channel=channel_id, consent_id=fields["CONSENT_ID"], status=str(status),
+                 withdrawn=withdrawn, paused=paused_at is not None)
+        self._start(call)
 
     async def _release_orphan(self, channel_id: str, channel_name: str) -> None:
         """Fail closed: the caller goes on unrecorded, even if the dead process had already
@@ -188,16 +216,15 @@ class ConsentGateApp:
         return self.gate.settings.ari_app
 
     async def shutdown(self) -> None:
-        tasks = [s.task for s in self.sessions.values() if s.task is not None]
-        tasks += [w.task for w in self.watches.values() if w.task is not None]
+        tasks = [call.task for call in self.calls if call.task is not None]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        for reaper in list(self._reapers):
-            reaper.cancel()
-        if self._reapers:
-            await asyncio.wait(list(self._reapers), timeout=1)
+        for helper in list(self._helpers):
+            helper.cancel()
+        if self._helpers:
+            await asyncio.wait(list(self._helpers), timeout=1)
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -205,13 +232,6 @@ def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _channel_id(event: dict[str, Any]) -> str | None:
-    channel = event.get("channel")
-    if isinstance(channel, dict) and channel.get("id"):
-        return str(channel["id"])
-    playback = event.get("playback")
-    if isinstance(playback, dict):
-        target = str(playback.get("target_uri") or "")
-        if target.startswith("channel:"):
-            return target.removeprefix("channel:")
-    return None
+def _channel_id(event: dict[str, Any]) -> str:
+    channel_id = _object(event.get("channel")).get("id")
+    return channel_id if isinstance(channel_id, str) else ""

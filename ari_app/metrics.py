@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from consent_gate.ledger import Ledger
 
     from .app import ConsentGateApp
-    from .call import CallSession
+    from .call import Call
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +90,12 @@ ASYNCIO_TASKS = Gauge("consent_gate_asyncio_tasks", "asyncio tasks alive in the 
 JOURNAL_BACKLOG = Gauge(
     "consent_gate_journal_backlog_events", "Decisions in the local journal, not yet in the database.",
     registry=REGISTRY)
+CALL_TRANSITIONS = Counter(
+    "consent_gate_call_transitions", "Per-call state changes (answering, asking, storing, ...).",
+    ["from_state", "to_state"], registry=REGISTRY)
+MIDCALL_ERRORS = Counter(
+    "consent_gate_midcall_errors", "Unexpected errors while handling a mid-call event (the watch goes on).",
+    registry=REGISTRY)
 LEDGER_DEGRADED = Gauge(
     "consent_gate_ledger_degraded", "1 while the ledger writes to the journal (database unreachable).",
     registry=REGISTRY)
@@ -114,25 +120,34 @@ def ari_disconnected() -> None:
     ARI_CONNECTED.set(0)
 
 
-def observe_call(session: CallSession) -> None:
-    """call.py, once a session has ended (whatever the way): outcome and latencies."""
+def call_transition(from_state: str, to_state: str) -> None:
+    """call.py, on every state change of a call."""
+    CALL_TRANSITIONS.labels(from_state=from_state, to_state=to_state).inc()
+
+
+def midcall_error() -> None:
+    MIDCALL_ERRORS.inc()
+
+
+def observe_call(session: Call) -> None:
+    """call.py, once a call's dialog has ended (whatever the way): outcome and latencies."""
     with contextlib.suppress(Exception):  # metrics never break a call
         _observe_call(session)
 
 
-def _observe_call(session: CallSession) -> None:
+def _observe_call(session: Call) -> None:
     now_mono, now_wall = time.monotonic(), time.time()
     started_wall = now_wall - (now_mono - session.started_monotonic)
     result = session.result
     if result is not None:
         status = str(result.status)
     else:
-        status = "abandoned" if session.hung_up else "unavailable"
+        status = "abandoned" if session.caller_gone else "unavailable"
     # The purpose(s) the dialplan asked for ("documentation+training" for a granular gate).
     asked = getattr(session, "purposes", None) or []
     purpose = "+".join(p.name for p in asked) or (getattr(result, "purpose", "") if result else "") or "unknown"
     DECISIONS.labels(purpose=purpose, status=status).inc()
-    state = session.state
+    state = session.dialog
     if state.durability is not None:
         STORAGE.labels(durability=str(state.durability)).inc()
     DIALOG_SECONDS.labels(status=status).observe(now_mono - session.started_monotonic)
@@ -166,8 +181,8 @@ class Exporter:
     def refresh(self) -> None:
         """Gauges that are read, not counted: sampled at scrape time."""
         if self.app is not None:
-            ACTIVE_DIALOGS.set(len(self.app.sessions))
-            ACTIVE_WATCHES.set(len(self.app.watches))
+            ACTIVE_DIALOGS.set(self.app.count_dialogs())
+            ACTIVE_WATCHES.set(self.app.count_watches())
         with contextlib.suppress(RuntimeError):
             ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
         if self.ledger is not None:

@@ -1,18 +1,22 @@
-"""Mid-call rights over ARI: one watcher per consented call, for the rest of the call.
+"""Mid-call rights over ARI: what a call does once its dialog has handed the result back.
 
 Mechanism (and why):
 * **ARI channel and bridge subscriptions** deliver every key the caller and the agents press,
   and every agent that joins the caller's bridge (first answer and after a transfer), without
   taking the channels out of the bridge.  No ``DYNAMIC_FEATURES`` are needed in ARI mode (the
   ``features.conf`` snippet in ``dialplan/`` is for the AGI mode).
-* **AMI** ``StopMixMonitor`` / ``MixMonitorMute``: the only interface that can stop or mute a
-  MixMonitor the dialplan started.
+* **The recorder** (:class:`AriRecordingControl`): ``CONSENT_WITHDRAWN=1`` on the caller's
+  channel stops the dialplan from starting MixMonitor (it checks right before and right after
+  ``MixMonitor``), AMI ``StopMixMonitor`` with the recorder's own ``MixMonitorID`` stops it,
+  ``MixMonitorMute`` mutes it (Asterisk 22 has no id for mute: it mutes every MixMonitor on
+  the channel, which is what a card-data pause needs anyway).
 * **Whispers**: an ARI snoop channel with ``whisper=out`` on a party's channel plays a notice
   to that party only (the agent hears "the caller withdrew consent", the caller hears the
   confirmation), while the bridge goes on.
 
-The policy (what a code means, what it must cause) is ``consent_gate.midcall``; this module
-only carries out its plans.
+The policy and the plan executor are ``consent_gate.midcall``; this module gives them their
+ports and keeps track of the call's bridges and agents.  It runs inside the call's one task
+(``ari_app.call``): every state change happens there, in event order.
 """
 
 from __future__ import annotations
@@ -21,189 +25,178 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from consent_gate.contract import (
+    CALLER_RECORDS_VARIABLE,
+    MIXMONITOR_ID_VARIABLE,
+    PAUSED_AT_VARIABLE,
+    WITHDRAWN_VARIABLE,
+    valid_mixmonitor_id,
+)
 from consent_gate.dialog import GateContext
 from consent_gate.events import utcnow
-from consent_gate.midcall import Action, CodeMatcher, MidCallState, Plan, Role
+from consent_gate.midcall import (
+    Action,
+    CodeMatcher,
+    MidCallState,
+    Outcome,
+    Plan,
+    RecordingControlError,
+    Role,
+    delete_files,
+    execute_plan,
+    stop_with_retry,
+)
 from consent_gate.prompts import PromptError
-from consent_gate.retention import delete_recording_files, recording_files
 
 from .ami import AmiClient, AmiError
-from .transport import AriClient, AriError
+from .router import Router
+from .transport import AriClient, AriError, ChannelGone
 
 log = structlog.get_logger(__name__)
 
 SNOOP_ARG = "consent-gate-whisper"
+SNOOP_PREFIX = "cg-snoop-"
 WHISPER_TIMEOUT = 30.0
 WHISPER_READY_TIMEOUT = 5.0
+# A withdrawal whose recorder could not be stopped keeps trying this often until the call ends.
+STOP_RETRY_INTERVAL = 1.0
+# After the call, MixMonitor's thread may still close (or, having opened lazily, create) the
+# file of a withdrawn recording: the files are swept again once this long after the hangup.
+FINAL_SWEEP_DELAY = 1.0
+
+# Synthetic events a call posts to its own queue, so timers change state in the call's task.
+AUTO_RESUME = "ConsentGateAutoResume"
+RETRY_STOP = "ConsentGateRetryStop"
+BRIDGE_FOUND = "ConsentGateBridgeFound"
+
+
+class AriRecordingControl:
+    """The call's MixMonitor as the plan executor sees it (ARI for variables, AMI for the recorder)."""
+
+    def __init__(self, client: AriClient, ami: AmiClient | None, channel_id: str, channel_name: str) -> None:
+        self._client = client
+        self._ami = ami
+        self._channel_id = channel_id
+        self._channel_name = channel_name
+        self._blocked = False
+
+    async def block(self) -> None:
+        try:
+            await self._client.set_var(self._channel_id, WITHDRAWN_VARIABLE, "1")
+        except ChannelGone:
+            pass  # hung up: no dialplan left to start a recorder
+        except (AriError, OSError) as error:
+            raise RecordingControlError(f"could not set {WITHDRAWN_VARIABLE}: {error}") from error
+        self._blocked = True
+
+    async def _recorder_id(self) -> str | None:
+        try:
+            raw = await self._client.get_var(self._channel_id, MIXMONITOR_ID_VARIABLE)
+        except (AriError, OSError) as error:
+            raise RecordingControlError(f"could not read {MIXMONITOR_ID_VARIABLE}: {error}") from error
+        if raw and valid_mixmonitor_id(raw) is None:
+            raise RecordingControlError(f"{MIXMONITOR_ID_VARIABLE} is malformed")
+        return raw or None
+
+    async def stop(self) -> None:
+        if self._ami is None:
+            raise RecordingControlError("no AMI configured: MixMonitor cannot be stopped")
+        if await self._client.get_channel(self._channel_id) is None:
+            return  # hung up: MixMonitor ended with the channel
+        recorder = await self._recorder_id()
+        if recorder is None:
+            if self._blocked:
+                # MixMonitor has not started (its i() sets the id before the app returns): the
+                # dialplan's check right after MixMonitor sees CONSENT_WITHDRAWN and stops it.
+                return
+            raise RecordingControlError("MixMonitor not started yet and the channel is not blocked")
+        try:
+            await self._ami.action("StopMixMonitor", Channel=self._channel_name, MixMonitorID=recorder)
+        except AmiError as error:
+            if await self._client.get_channel(self._channel_id) is None:
+                return
+            if await self._stopped_by_dialplan(recorder):
+                return
+            raise RecordingControlError(str(error)) from error
+
+    async def _stopped_by_dialplan(self, recorder: str) -> bool:
+        """StopMixMonitor "could not stop": the dialplan's post-check (or the hangup) already did."""
+        try:
+            filename = await self._client.get_var(self._channel_id, f"MIXMONITOR({recorder},filename)")
+        except (AriError, OSError):
+            return False
+        return not filename
+
+    async def mute(self, muted: bool) -> None:
+        if self._ami is None:
+            raise RecordingControlError("no AMI configured: the recording cannot be muted")
+        try:
+            await self._ami.action("MixMonitorMute", Channel=self._channel_name, Direction="both",
+                                   State="1" if muted else "0")
+        except AmiError as error:
+            raise RecordingControlError(str(error)) from error
 
 
 @dataclass
-class CallWatch:
+class Whispers:
+    """Notices to one party through snoop channels; each runs in its own task (a long prompt
+    never delays the next key), notices to one party one after the other."""
+
     client: AriClient
-    ami: AmiClient | None
     gate: GateContext
-    channel_id: str
-    channel_name: str
-    state: MidCallState
-    source: str = "ari"
-    agents: set[str] = field(default_factory=set)
-    bridges: set[str] = field(default_factory=set)
-    matchers: dict[str, CodeMatcher] = field(default_factory=dict)
-    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
-    task: asyncio.Task[None] | None = None
-    # Notices to one party play one after the other: the last one queued for each channel.
-    notice_chain: dict[str, asyncio.Future[None]] = field(default_factory=dict)
-    # Whisper playbacks in progress, finished by the app's PlaybackFinished routing.
+    router: Router
+    owner: Any  # the call: registered in the router for its snoop channels and playbacks
+    language: str
+    chains: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     playbacks: dict[str, asyncio.Future[None]] = field(default_factory=dict)
-    # Snoop channels being created: ready once their StasisStart arrives (play before it is refused).
     snoops: dict[str, asyncio.Future[None]] = field(default_factory=dict)
-    _resume_timer: asyncio.Task[None] | None = None
-    ended: bool = False
 
     @property
     def app(self) -> str:
         return self.gate.settings.ari_app
 
-    def deliver(self, event: dict[str, Any]) -> None:
-        self.queue.put_nowait(event)
+    def later(self, channel_id: str, prompt_name: str) -> None:
+        previous = self.chains.get(channel_id)
+        self.chains[channel_id] = asyncio.ensure_future(self._whisper(channel_id, prompt_name, previous))
 
-    def channel_ids(self) -> set[str]:
-        return {self.channel_id, *self.agents}
-
-    async def run(self) -> None:
-        bound = log.bind(call_id=self.state.call.call_id, consent_id=self.state.consent_id)
-        try:
-            while not self.ended:
-                event = await self.queue.get()
-                try:
-                    await self._handle(event)
-                except (AriError, AmiError, OSError) as error:
-                    bound.warning("midcall.action_failed", event_type=event.get("type"), error=str(error))
-        finally:
-            if self._resume_timer is not None:
-                self._resume_timer.cancel()
-            await self._cleanup()
-
-    async def _handle(self, event: dict[str, Any]) -> None:
-        channel = event["channel"].get("id") if isinstance(event.get("channel"), dict) else None
-        log.debug("midcall.event", type=event.get("type"), channel=channel)
-        match event.get("type"):
-            case "ChannelEnteredBridge":
-                bridge = event.get("bridge") if isinstance(event.get("bridge"), dict) else {}
-                await self._on_bridge(bridge, channel)
-            case "ChannelVarset" if event.get("variable") == "BRIDGEPEER" and channel == self.channel_id:
-                # Bridge events come on the bridge's topic, not the channel's; Asterisk sets
-                # BRIDGEPEER whenever the caller is bridged (answer, transfer), so find that bridge.
-                if event.get("value"):
-                    await self._find_bridge()
-            case "ChannelLeftBridge" if channel in self.agents:
-                self.agents.discard(channel)
-            case "ChannelDtmfReceived" if channel in self.channel_ids():
-                role = Role.CALLER if channel == self.channel_id else Role.AGENT
-                matcher = self.matchers.setdefault(channel, CodeMatcher(self.gate.settings.dialog))
-                action = matcher.feed(str(event.get("digit", "")), time.monotonic())
-                if action is not None:
-                    plan = self.state.plan(action, role, self.gate.settings.dialog, utcnow())
-                    log.info("midcall.code", action=action.value, role=role.value, acted=plan is not None)
-                    if plan is not None:
-                        await self._carry_out(plan)
-            case "ChannelDestroyed" | "ChannelHangupRequest" if channel == self.channel_id:
-                self.ended = True
-            case "ChannelDestroyed" if channel in self.agents:
-                self.agents.discard(channel)
-
-    async def _find_bridge(self, attempts: int = 20, interval: float = 0.1) -> None:
-        for _ in range(attempts):
-            bridges = await self.client.request("GET", "/bridges") or []
-            for bridge in bridges:
-                if self.channel_id in bridge.get("channels", []):
-                    await self._on_bridge(bridge, None)
-                    return
-            await asyncio.sleep(interval)  # Dial answered; the bridge follows within milliseconds
-        log.warning("midcall.no_bridge_found", channel=self.channel_id)
-
-    async def _on_bridge(self, bridge: dict[str, Any], entered: str | None) -> None:
-        bridge_id = str(bridge.get("id") or "")
-        if bridge_id and bridge_id not in self.bridges and self.channel_id in bridge.get("channels", []):
-            self.bridges.add(bridge_id)
-            await self._subscribe(f"bridge:{bridge_id}")
-        if bridge_id not in self.bridges:
-            return
-        for other in bridge.get("channels", []):
-            if other != self.channel_id and other not in self.agents and not other.startswith("cg-snoop-"):
-                self.agents.add(other)
-                try:
-                    await self._subscribe(f"channel:{other}")  # the agent's keys (secure pause)
-                except AriError as error:
-                    log.warning("midcall.agent_subscribe_failed", channel=other, error=str(error))
-                # The agent (first answer, or the new one after a transfer) hears how this call is handled.
-                for notice in self.state.agent_greeting():
-                    self._whisper_later(other, notice)
-
-    async def _carry_out(self, plan: Plan) -> None:
-        if plan.stop_recording and self.ami is not None:
-            await self.ami.action("StopMixMonitor", Channel=self.channel_name)
-        if plan.mute is not None and self.ami is not None:
-            await self.ami.action("MixMonitorMute", Channel=self.channel_name, Direction="both",
-                                  State="1" if plan.mute else "0")
-        deleted = self._delete_recording() if plan.delete_recording else []
-        if plan.ledger_event is not None:
-            detail = dict(plan.detail)
-            if plan.delete_recording:
-                detail["deleted_files"] = len(deleted)
-            await self.gate.ledger.append(self.state.event(self.gate, plan.ledger_event, self.source, **detail))
-        if plan.action is Action.PAUSE:
-            self._resume_timer = asyncio.create_task(self._auto_resume(self.gate.settings.dialog.pause_limit))
-        elif plan.action in (Action.RESUME, Action.WITHDRAW) and self._resume_timer is not None:
-            if self._resume_timer is not asyncio.current_task():
-                self._resume_timer.cancel()
-            self._resume_timer = None
-        if plan.caller_notice:
-            self._whisper_later(self.channel_id, plan.caller_notice)
-        if plan.agent_notice:
-            for agent in self.agents:
-                self._whisper_later(agent, plan.agent_notice)
-
-    async def _auto_resume(self, limit: float) -> None:
-        await asyncio.sleep(limit)  # the PCI pause limit itself, not synchronisation
-        plan = self.state.auto_resume(utcnow())
-        if plan is not None:
-            with contextlib.suppress(AriError, AmiError, OSError):
-                await self._carry_out(plan)
-
-    def _delete_recording(self) -> list[str]:
-        """Withdrawn means gone: the mix and any legs.  Names are built from the opaque id only."""
-        try:
-            files = recording_files(self.gate.settings.recordings_dir, self.state.recording_id or "")
-        except ValueError:
-            return []
-        return delete_recording_files(files)
-
-    def _whisper_later(self, channel_id: str, prompt_name: str) -> None:
-        """Notices run in their own tasks so a long prompt does not delay the next key."""
-        previous = self.notice_chain.get(channel_id)
-        self.notice_chain[channel_id] = asyncio.ensure_future(self._whisper(channel_id, prompt_name, previous))
+    def resolve(self, event: dict[str, Any]) -> bool:
+        """A snoop channel entering Stasis or a whisper's PlaybackFinished (called at delivery)."""
+        kind = event.get("type")
+        if kind == "StasisStart":
+            channel_id = str((event.get("channel") or {}).get("id") or "")
+            ready = self.snoops.get(channel_id)
+            if ready is not None and not ready.done():
+                ready.set_result(None)
+            return ready is not None
+        if kind == "PlaybackFinished":
+            finished = self.playbacks.get(str((event.get("playback") or {}).get("id") or ""))
+            if finished is not None and not finished.done():
+                finished.set_result(None)
+            return finished is not None
+        return False
 
     async def _whisper(self, channel_id: str, prompt_name: str, previous: asyncio.Future[None] | None) -> None:
         if previous is not None:  # notices to one party play one after the other
             with contextlib.suppress(Exception):
                 await previous
         try:
-            prompt = self.gate.prompt(self.state.language, prompt_name)
+            prompt = self.gate.prompt(self.language, prompt_name)
         except PromptError as error:
             log.warning("midcall.notice_missing", prompt=prompt_name, error=str(error))
             return
-        snoop_id = f"cg-snoop-{uuid.uuid4().hex[:16]}"
+        snoop_id = f"{SNOOP_PREFIX}{uuid.uuid4().hex[:16]}"
         playback_id = f"cg-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
-        finished = loop.create_future()
         ready = self.snoops[snoop_id] = loop.create_future()
-        self.playbacks[playback_id] = finished
+        finished = self.playbacks[playback_id] = loop.create_future()
+        self.router.add(f"channel:{snoop_id}", self.owner)
+        self.router.add(f"playback:{playback_id}", self.owner)
         try:
             await self.client.request("POST", f"/channels/{channel_id}/snoop", params={
                 "app": self.app, "appArgs": SNOOP_ARG, "spy": "none", "whisper": "out", "snoopId": snoop_id})
@@ -211,42 +204,286 @@ class CallWatch:
             await self.client.play(snoop_id, f"sound:{prompt.media}", playback_id=playback_id)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(finished, WHISPER_TIMEOUT)
-        except (AriError, asyncio.TimeoutError) as error:
+        except (AriError, OSError, asyncio.TimeoutError) as error:
             log.warning("midcall.whisper_failed", prompt=prompt_name, error=str(error) or "snoop not ready")
         finally:
             self.playbacks.pop(playback_id, None)
             self.snoops.pop(snoop_id, None)
-            with contextlib.suppress(AriError):
+            self.router.remove(f"channel:{snoop_id}", self.owner)
+            self.router.remove(f"playback:{playback_id}", self.owner)
+            with contextlib.suppress(AriError, OSError):
                 await self.client.hangup(snoop_id)
 
-    def snoop_started(self, snoop_id: str) -> bool:
-        ready = self.snoops.get(snoop_id)
-        if ready is not None and not ready.done():
-            ready.set_result(None)
-            return True
-        return False
+    def cancel(self) -> None:
+        for chain in self.chains.values():
+            chain.cancel()
 
-    def playback_finished(self, playback_id: str) -> bool:
-        finished = self.playbacks.get(playback_id)
-        if finished is not None and not finished.done():
-            finished.set_result(None)
-            return True
-        return False
 
-    async def subscribe_caller(self) -> None:
+@dataclass
+class Notices:
+    """The plan executor's notices, as whispers to the caller and the agents in the bridge."""
+
+    whispers: Whispers
+    caller: str
+    agents: Callable[[], set[str]]
+
+    def to_caller(self, prompt_name: str) -> None:
+        self.whispers.later(self.caller, prompt_name)
+
+    def to_agents(self, prompt_name: str) -> None:
+        for agent in self.agents():
+            self.whispers.later(agent, prompt_name)
+
+
+@dataclass
+class MidCallWatch:
+    """The watching part of one call: its bridges, agents, key matchers and recorder.
+
+    Not a task of its own: the call's task feeds it events (``on_<EventType>``) one at a time."""
+
+    client: AriClient
+    gate: GateContext
+    router: Router
+    owner: Any  # the call that routes events here
+    channel_id: str
+    state: MidCallState
+    control: AriRecordingControl
+    whispers: Whispers
+    post: Callable[[dict[str, Any]], None]  # put a synthetic event into the call's queue
+    source: str = "ari"
+    agents: set[str] = field(default_factory=set)
+    greeted: set[str] = field(default_factory=set)
+    bridges: set[str] = field(default_factory=set)
+    matchers: dict[str, CodeMatcher] = field(default_factory=dict)
+    timers: set[asyncio.Task[None]] = field(default_factory=set)
+    resume_timer: asyncio.Task[None] | None = None
+    stop_retry: asyncio.Task[None] | None = None
+    ended: bool = False
+    greet_present: bool = True  # False once: agents found in the bridge of an adopted call heard it
+
+    @property
+    def app(self) -> str:
+        return self.gate.settings.ari_app
+
+    @property
+    def notices(self) -> Notices:
+        return Notices(self.whispers, self.channel_id, lambda: set(self.agents))
+
+    async def start(self, *, adopted: bool = False) -> None:
         """Keys and bridge changes of the caller's channel for the rest of the call (also once it
-        has left Stasis)."""
+        has left Stasis): subscribed before the channel goes back to the dialplan.  An adopted
+        call (service restart) is usually bridged already: find its bridge, do not greet the
+        agents in it again, and re-arm the pause limit for what is left of it."""
+        self.router.add(f"channel:{self.channel_id}", self.owner)
         await self._subscribe(f"channel:{self.channel_id}")
+        if adopted:
+            self.greet_present = False
+            self._find_bridge_later(attempts=1)
+            if self.state.paused_at is not None:
+                elapsed = (utcnow() - self.state.paused_at).total_seconds()
+                self._start_resume_timer(max(0.0, self.gate.settings.dialog.pause_limit - elapsed))
+            if self.state.withdrawn:
+                self.state.recorder_stopped = False  # not known: make sure, once more
+                self.post({"type": RETRY_STOP})
+
+    async def handle(self, event: dict[str, Any]) -> None:
+        handler = getattr(self, f"on_{event.get('type')}", None)
+        if handler is not None:
+            await handler(event, _channel_of(event))
+
+    # -- events ---------------------------------------------------------------------------------
+    async def on_ChannelDtmfReceived(self, event: dict[str, Any], channel: str | None) -> None:
+        if channel is None or (channel != self.channel_id and channel not in self.agents):
+            return
+        digit = event.get("digit")
+        if not isinstance(digit, str) or len(digit) != 1:
+            return
+        role = Role.CALLER if channel == self.channel_id else Role.AGENT
+        matcher = self.matchers.setdefault(channel, CodeMatcher(self.gate.settings.dialog))
+        action = matcher.feed(digit, time.monotonic())
+        if action is None:
+            return
+        plan = self.state.plan(action, role, self.gate.settings.dialog, utcnow())
+        log.info("midcall.code", call_id=self.state.call.call_id, action=action.value, role=role.value,
+                 acted=plan is not None)
+        if plan is not None:
+            await self.carry_out(plan)
+
+    async def on_ChannelEnteredBridge(self, event: dict[str, Any], channel: str | None) -> None:
+        await self._on_bridge(_dict(event.get("bridge")))
+
+    async def on_ChannelVarset(self, event: dict[str, Any], channel: str | None) -> None:
+        # Bridge events come on the bridge's topic, not the channel's; Asterisk sets BRIDGEPEER
+        # whenever the caller is bridged (answer, transfer), so find that bridge.
+        if channel == self.channel_id and event.get("variable") == "BRIDGEPEER" and event.get("value"):
+            self._find_bridge_later()
+
+    async def on_ConsentGateBridgeFound(self, event: dict[str, Any], channel: str | None) -> None:
+        await self._on_bridge(_dict(event.get("bridge")))
+
+    async def on_ChannelLeftBridge(self, event: dict[str, Any], channel: str | None) -> None:
+        if channel in self.agents:
+            self._drop_agent(channel)
+
+    async def on_ChannelDestroyed(self, event: dict[str, Any], channel: str | None) -> None:
+        if channel == self.channel_id:
+            self.ended = True
+        elif channel in self.agents:
+            self._drop_agent(channel)
+
+    async def on_ChannelHangupRequest(self, event: dict[str, Any], channel: str | None) -> None:
+        if channel == self.channel_id:
+            self.ended = True
+
+    async def on_ConsentGateAutoResume(self, event: dict[str, Any], channel: str | None) -> None:
+        self.resume_timer = None
+        plan = self.state.auto_resume(utcnow())
+        if plan is not None:
+            await self.carry_out(plan)
+
+    async def on_ConsentGateRetryStop(self, event: dict[str, Any], channel: str | None) -> None:
+        if self.state.withdrawn and not self.state.recorder_stopped:
+            plan = self.state.plan(Action.WITHDRAW, Role.CALLER, self.gate.settings.dialog, utcnow())
+            if plan is not None:
+                await self.carry_out(plan)
+
+    # -- acting ---------------------------------------------------------------------------------
+    async def carry_out(self, plan: Plan) -> Outcome:
+        outcome = await execute_plan(plan, self.state, control=self.control, ledger=self.gate.ledger,
+                                     gate=self.gate, notices=self.notices, source=self.source, now=utcnow())
+        if plan.action is Action.PAUSE and outcome.acted:
+            self._start_resume_timer(self.gate.settings.dialog.pause_limit)
+        elif plan.action in (Action.RESUME, Action.WITHDRAW) and outcome.acted:
+            self._cancel_resume_timer()
+        if outcome.acted:
+            await self._remember(plan.action)
+        if plan.action is Action.WITHDRAW:
+            if self.state.recorder_stopped:
+                self._cancel_stop_retry()
+            elif self.stop_retry is None:
+                self.stop_retry = self._timer(STOP_RETRY_INTERVAL, RETRY_STOP, repeat=True)
+        return outcome
+
+    async def _remember(self, action: Action) -> None:
+        """Keep the call's mid-call state on its channel too, so a restarted service can adopt
+        the call (CONSENT_WITHDRAWN is set by the recorder control itself)."""
+        values = {
+            Action.PAUSE: (PAUSED_AT_VARIABLE, self.state.paused_at.isoformat() if self.state.paused_at else ""),
+            Action.RESUME: (PAUSED_AT_VARIABLE, ""),
+            Action.CALLER_RECORDS: (CALLER_RECORDS_VARIABLE, "1"),
+        }
+        if action in values:
+            name, value = values[action]
+            with contextlib.suppress(AriError, OSError):
+                await self.client.set_var(self.channel_id, name, value)
+
+    def _start_resume_timer(self, limit: float) -> None:
+        self._cancel_resume_timer()
+        self.resume_timer = self._timer(limit, AUTO_RESUME)
+
+    def _cancel_resume_timer(self) -> None:
+        if self.resume_timer is not None:
+            self.resume_timer.cancel()
+            self.resume_timer = None
+
+    def _cancel_stop_retry(self) -> None:
+        if self.stop_retry is not None:
+            self.stop_retry.cancel()
+            self.stop_retry = None
+
+    def _timer(self, delay: float, kind: str, *, repeat: bool = False) -> asyncio.Task[None]:
+        async def fire() -> None:
+            while True:
+                await asyncio.sleep(delay)  # the PCI pause limit / the retry interval itself
+                self.post({"type": kind})
+                if not repeat:
+                    return
+
+        task = asyncio.create_task(fire(), name=f"{kind}-{self.channel_id}")
+        self.timers.add(task)
+        task.add_done_callback(self.timers.discard)
+        return task
+
+    def _find_bridge_later(self, attempts: int = 20, interval: float = 0.1) -> None:
+        async def find() -> None:
+            for _ in range(attempts):
+                with contextlib.suppress(AriError, OSError):
+                    for bridge in await self.client.request("GET", "/bridges") or []:
+                        if self.channel_id in _dict(bridge).get("channels", []):
+                            self.post({"type": BRIDGE_FOUND, "bridge": bridge})
+                            return
+                await asyncio.sleep(interval)  # Dial answered; the bridge follows within milliseconds
+            log.warning("midcall.no_bridge_found", channel=self.channel_id)
+
+        task = asyncio.create_task(find(), name=f"find-bridge-{self.channel_id}")
+        self.timers.add(task)
+        task.add_done_callback(self.timers.discard)
+
+    async def _on_bridge(self, bridge: dict[str, Any]) -> None:
+        bridge_id = str(bridge.get("id") or "")
+        channels = [c for c in bridge.get("channels", []) if isinstance(c, str)]
+        if bridge_id and bridge_id not in self.bridges and self.channel_id in channels:
+            self.bridges.add(bridge_id)
+            self.router.add(f"bridge:{bridge_id}", self.owner)
+            await self._subscribe(f"bridge:{bridge_id}")
+        if bridge_id not in self.bridges:
+            return
+        greet_present, self.greet_present = self.greet_present, True
+        for other in channels:
+            if other == self.channel_id or other in self.agents or other.startswith(SNOOP_PREFIX):
+                continue
+            self.agents.add(other)
+            self.router.add(f"channel:{other}", self.owner)
+            try:
+                await self._subscribe(f"channel:{other}")  # the agent's keys (secure pause)
+            except (AriError, OSError) as error:
+                log.warning("midcall.agent_subscribe_failed", channel=other, error=str(error))
+            if not greet_present:
+                self.greeted.add(other)
+            if other not in self.greeted:
+                # The agent (first answer, or the new one after a transfer) hears how this call is handled.
+                self.greeted.add(other)
+                for notice in self.state.agent_greeting():
+                    self.whispers.later(other, notice)
+
+    def _drop_agent(self, channel: str) -> None:
+        self.agents.discard(channel)
+        self.router.remove(f"channel:{channel}", self.owner)
 
     async def _subscribe(self, source: str) -> None:
         log.debug("midcall.subscribe", source=source)
         await self.client.request("POST", f"/applications/{self.app}/subscription", params={"eventSource": source})
 
-    async def _cleanup(self) -> None:
-        for notice in self.notice_chain.values():
-            notice.cancel()
-        sources = [f"channel:{c}" for c in self.channel_ids()] + [f"bridge:{b}" for b in self.bridges]
+    # -- the end --------------------------------------------------------------------------------
+    async def finish(self) -> None:
+        """After the caller's channel is gone (shielded and time-limited by the call)."""
+        for task in list(self.timers):
+            task.cancel()
+        self.whispers.cancel()
+        if self.state.withdrawn:
+            recordings = self.gate.settings.recordings_dir
+            if not self.state.recorder_stopped:
+                # The channel is gone, so is its MixMonitor; one last try costs nothing.
+                await stop_with_retry(self.control, attempts=1)
+            delete_files(recordings, self.state.recording_id)
+            await asyncio.sleep(FINAL_SWEEP_DELAY)  # MixMonitor's thread closes its files after the hangup
+            swept = delete_files(recordings, self.state.recording_id)
+            if swept:
+                log.warning("midcall.withdrawn_files_swept_after_call", recording_id=self.state.recording_id,
+                            files=len(swept))
+        sources = [f"channel:{c}" for c in (self.channel_id, *self.agents)] + [f"bridge:{b}" for b in self.bridges]
         for source in sources:
+            if self.router.others(source, self.owner):
+                continue  # a newer gate on the same channel still needs it
             with contextlib.suppress(AriError, OSError):
                 await self.client.request("DELETE", f"/applications/{self.app}/subscription",
                                           params={"eventSource": source})
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _channel_of(event: dict[str, Any]) -> str | None:
+    channel_id = _dict(event.get("channel")).get("id")
+    return channel_id if isinstance(channel_id, str) and channel_id else None

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 import structlog
 
 from .config import Purpose, Settings
+from .contract import RESULT_FIELDS, RESULT_SEPARATOR, RESULT_VARIABLE  # noqa: F401 (re-exported)
 from .events import ConsentEvent, Decision, EventKind, caller_reference, new_id, new_recording_id, utcnow
 from .ledger import Durability, Ledger
 
@@ -50,6 +51,10 @@ class DialogPort(Protocol):
     async def wait_key(self, timeout: float) -> str | None:
         """Return the next key, or None after ``timeout`` seconds of silence."""
 
+    async def discard_keys(self) -> None:
+        """Forget keys pressed so far: called right before a purpose's question starts, so a key
+        meant for the previous question (or pressed before any was heard) cannot answer it."""
+
 
 class PromptSource(Protocol):
     def path(self, lang: str, name: str) -> object: ...
@@ -66,9 +71,10 @@ class CallInfo:
 
 
 class Phase(enum.Enum):
+    """Where the dialog is; an adapter that keeps its own call state listens via ``on_phase``."""
+
     STARTING = "starting"
     ASKING = "asking"
-    WAITING = "waiting"
     STORING = "storing"
     DONE = "done"
 
@@ -79,6 +85,8 @@ class DialogState:
 
     consent_id: object = field(default_factory=new_id)
     phase: Phase = Phase.STARTING
+    # Told of every phase change (the ARI service's per-call state machine follows it).
+    on_phase: Callable[[Phase], None] | None = field(default=None, repr=False, compare=False)
     attempt: int = 0
     language: str = "en"
     prompt_version: str | None = None
@@ -94,21 +102,14 @@ class DialogState:
     recording_id: str | None = None
     durability: Durability | None = None
 
+    def enter(self, phase: Phase) -> None:
+        if phase is self.phase:
+            return
+        self.phase = phase
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
-# The one channel variable both adapters set; the dialplan splits it into the
-# CONSENT_* variables below (field N of the CUT() is RESULT_FIELDS[N-1]).
-RESULT_VARIABLE = "CONSENT_RESULT"
-RESULT_SEPARATOR = ":"
-RESULT_FIELDS = (
-    "CONSENT_ID",
-    "CONSENT_RECORDING_ID",
-    "CONSENT_RECORD_LEGS",
-    "CONSENT_CONFIRMATION",
-    "CONSENT_CALLER_RECORDS",
-    "CONSENT_PURPOSE",
-    "CONSENT_PURPOSES",
-    "CONSENT_STATUS",
-)
+
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,7 @@ async def run_consent_dialog(
         # Legal obligation (e.g. MiFID II) or legitimate interest: inform, do not ask.
         notice = gate.prompt(state.language, purpose.prompt)
         state.prompt_version = notice.version
+        state.enter(Phase.ASKING)
         state.prompt_started_at = gate.clock()
         try:
             await port.play(notice, stop_keys="")
@@ -214,9 +216,9 @@ async def run_consent_dialog(
             state.decided_at = gate.clock()
             state.failure = f"{type(error).__name__}: {error}"[:200]
             log_call.warning("consent.dialog_port_failed", error=state.failure)
-    state.phase = Phase.STORING
+    state.enter(Phase.STORING)
     result = await asyncio.shield(_store(call, purpose, gate, state, port.source))
-    state.phase = Phase.DONE
+    state.enter(Phase.DONE)
     log_call.info("consent.decided", status=str(result.status), digit=state.digit,
                   durability=str(state.durability), attempts=state.attempt)
     return result
@@ -231,12 +233,14 @@ async def _ask(
     while questions_left > 0:
         questions_left -= 1
         state.attempt += 1
-        state.phase = Phase.ASKING
+        state.enter(Phase.ASKING)
         if state.prompt_started_at is None:
+            # Only a key pressed once this question has started counts for it (the ledger's
+            # prompt hash is then evidence of what the caller heard before deciding).
+            await port.discard_keys()
             state.prompt_started_at = gate.clock()
         key = await port.play(question, stop_keys=DTMF_STOP_KEYS)
         if key is None:
-            state.phase = Phase.WAITING
             key = await port.wait_key(keys.digit_timeout)
         if key is None:
             continue
@@ -374,7 +378,7 @@ async def run_gate(
     for index, purpose in enumerate(purposes):
         if index:
             state = DialogState(consent_id=first_state.consent_id, planned_recording_id=planned,
-                                caller_records=state.caller_records)
+                                caller_records=state.caller_records, on_phase=first_state.on_phase)
         result = await run_consent_dialog(port, call, purpose, gate, state)
         if result.status is Decision.ABANDONED:
             return result

@@ -10,21 +10,28 @@ After the consent dialog the call is bridged to an agent.  From then on:
 * the agent (optionally the caller) pauses the recording while card data is given (``*5`` /
   ``*6``, auto-resume after a limit): paused audio is silence, the ledger gets the span.
 
-This module decides; the adapters (ARI: ``ari_app/midcall.py``) carry out the :class:`Plan`.
+This module decides (:meth:`MidCallState.plan` returns a :class:`Plan` and changes nothing) and
+carries the plan out through ports (:func:`execute_plan`, shared by the ARI service and the AGI
+script): the state changes only after the plan's effect happened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from .config import DialogSettings, Purpose
 from .dialog import CallInfo, DialogResult, GateContext, event_for
 from .events import ConsentEvent, EventKind
+from .ledger import Durability
 from .prompts import PromptError
+from .retention import delete_recording_files, recording_files
 
 log = structlog.get_logger(__name__)
 
@@ -81,7 +88,8 @@ class Plan:
 
 @dataclass
 class MidCallState:
-    """The consent state of one call after its dialog."""
+    """The consent state of one call after its dialog.  Changed only by :func:`execute_plan`,
+    once the effect it describes happened."""
 
     call: CallInfo
     purpose: Purpose
@@ -90,6 +98,9 @@ class MidCallState:
     recording_id: str | None
     caller_records: bool = False
     withdrawn: bool = False
+    # False while a withdrawal could not stop the recorder (the files are gone all the same):
+    # the next *0, and the adapter's own retries, try again.
+    recorder_stopped: bool = True
     paused_at: datetime | None = None
 
     @classmethod
@@ -123,27 +134,24 @@ class MidCallState:
         return "&".join(media)
 
     def plan(self, action: Action, role: Role, settings: DialogSettings, now: datetime) -> Plan | None:
-        """None: the key sequence means nothing here (wrong role, nothing to stop...)."""
+        """What ``action`` must cause now; None: the keys mean nothing here (wrong role, nothing
+        to stop...).  Pure: the state changes in :func:`execute_plan`, after the effect."""
+        may_pause = role is Role.AGENT or settings.caller_may_pause
         match action, role:
             case Action.WITHDRAW, Role.CALLER if self.recording:
-                self.withdrawn = True
-                self.paused_at = None
                 return Plan(action, stop_recording=True, delete_recording=True,
                             ledger_event=EventKind.WITHDRAWN, caller_notice="withdrawn",
                             agent_notice="agent-recording-stopped")
+            case Action.WITHDRAW, Role.CALLER if self.withdrawn and not self.recorder_stopped:
+                # The first withdrawal could not stop the recorder: try again (logged once).
+                return Plan(action, stop_recording=True, delete_recording=True, detail={"retry": True})
             case Action.CALLER_RECORDS, Role.CALLER if not self.caller_records:
-                self.caller_records = True
                 return Plan(action, ledger_event=EventKind.CALLER_RECORDS, caller_notice="caller-records-ack",
                             agent_notice="agent-caller-records", detail={"when": "mid-call"})
-            case Action.PAUSE, _ if self.recording and self.paused_at is None and (
-                role is Role.AGENT or settings.caller_may_pause
-            ):
-                self.paused_at = now
+            case Action.PAUSE, _ if self.recording and self.paused_at is None and may_pause:
                 return Plan(action, mute=True, ledger_event=EventKind.PAUSED, agent_notice="paused",
                             detail={"by": role.value, "limit_s": settings.pause_limit})
-            case Action.RESUME, _ if self.recording and self.paused_at is not None and (
-                role is Role.AGENT or settings.caller_may_pause
-            ):
+            case Action.RESUME, _ if self.recording and self.paused_at is not None and may_pause:
                 return self._resume(now, role.value)
         return None
 
@@ -154,10 +162,148 @@ class MidCallState:
 
     def _resume(self, now: datetime, by: str) -> Plan:
         assert self.paused_at is not None
-        started, self.paused_at = self.paused_at, None
+        started = self.paused_at
         return Plan(Action.RESUME, mute=False, ledger_event=EventKind.RESUMED, agent_notice="resumed",
                     detail={"by": by, "paused_from": started.isoformat(), "paused_s": (now - started).total_seconds()})
 
     def event(self, gate: GateContext, kind: EventKind, source: str, **detail: object) -> ConsentEvent:
         return event_for(gate, self.call, self.purpose, kind, consent_id=self.consent_id, language=self.language,
                          recording_id=self.recording_id, source=source, detail=detail)
+
+
+# -- carrying a plan out ---------------------------------------------------------------------------
+
+class RecordingControlError(RuntimeError):
+    """The recorder could not be stopped, muted or blocked (AMI down, refused, no such recorder)."""
+
+
+class RecordingControl(Protocol):
+    """How an adapter acts on the call's MixMonitor (ARI service: AMI + ARI; AGI: dialplan apps)."""
+
+    async def block(self) -> None:
+        """Mark the channel withdrawn (``CONSENT_WITHDRAWN=1``), so the dialplan never starts or
+        restarts MixMonitor for this call.  Raises RecordingControlError."""
+
+    async def stop(self) -> None:
+        """Stop this call's MixMonitor; a recorder that is not running counts as stopped.
+        Raises RecordingControlError."""
+
+    async def mute(self, muted: bool) -> None:
+        """Mute (True) or unmute the recording.  Raises RecordingControlError."""
+
+
+class Notices(Protocol):
+    def to_caller(self, prompt_name: str) -> None:
+        """Queue a notice to the caller (never delays the next key)."""
+
+    def to_agents(self, prompt_name: str) -> None:
+        """Queue a notice to every agent in the call (where the adapter can reach them)."""
+
+
+class Ledger(Protocol):
+    async def append(self, event: ConsentEvent) -> Durability: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What carrying out a plan achieved (for the adapter: retries, timers, logs)."""
+
+    acted: bool
+    recorder_stopped: bool = True
+    deleted_files: tuple[str, ...] = ()
+    durability: Durability | None = None
+    error: str | None = None
+
+
+# A withdrawal tries this often to stop the recorder before it reports "not stopped"; the AMI
+# client reconnects between attempts.  The adapter keeps retrying in the background.
+STOP_ATTEMPTS = 3
+STOP_RETRY_DELAY = 0.2
+
+
+def delete_files(recordings_dir: Path, recording_id: str | None) -> list[str]:
+    """Withdrawn means gone: the mix and any legs (names from the validated id only).  Unlinking
+    a file MixMonitor is still writing leaves nothing behind once it closes it."""
+    if recording_id is None:
+        return []
+    try:
+        return delete_recording_files(recording_files(recordings_dir, recording_id))
+    except (ValueError, OSError) as error:
+        log.error("midcall.delete_failed", recording_id=recording_id, error=str(error))
+        return []
+
+
+async def stop_with_retry(control: RecordingControl, attempts: int = STOP_ATTEMPTS,
+                          delay: float = STOP_RETRY_DELAY) -> str | None:
+    """Stop the recorder; None on success, else the last error."""
+    error: str | None = None
+    for attempt in range(attempts):
+        try:
+            await control.stop()
+            return None
+        except RecordingControlError as failure:
+            error = str(failure)
+            log.warning("midcall.stop_failed", attempt=attempt + 1, error=error)
+        if attempt + 1 < attempts:
+            await asyncio.sleep(delay)  # back-off before the next AMI attempt, not synchronisation
+    return error
+
+
+async def execute_plan(plan: Plan, state: MidCallState, *, control: RecordingControl, ledger: Ledger,
+                       gate: GateContext, notices: Notices, source: str, now: datetime) -> Outcome:
+    """Carry out one plan, effects first, then the state and the ledger that record them.
+
+    * withdraw: block the dialplan's MixMonitor, delete the files, stop the recorder (with
+      retries), delete again (a recorder that opened its file late), then ``withdrawn`` is
+      true and logged -- also when the recorder could not be stopped (the files are gone and
+      the adapter retries the stop);
+    * pause / resume: only a mute that happened is logged as a pause (or a resume);
+    * caller records: logged, then noted.
+    """
+    settings = gate.settings
+    bound = log.bind(call_id=state.call.call_id, consent_id=state.consent_id, action=plan.action.value)
+    if plan.action is Action.WITHDRAW:
+        blocked = True
+        try:
+            await control.block()
+        except RecordingControlError as error:
+            blocked = False
+            bound.warning("midcall.block_failed", error=str(error))
+        deleted = delete_files(settings.recordings_dir, state.recording_id)
+        stop_error = await stop_with_retry(control)
+        deleted += delete_files(settings.recordings_dir, state.recording_id)
+        first = not state.withdrawn
+        state.withdrawn, state.paused_at = True, None
+        state.recorder_stopped = stop_error is None
+        durability = None
+        if plan.ledger_event is not None and first:
+            detail = dict(plan.detail, deleted_files=len(deleted), recorder_stopped=stop_error is None,
+                          blocked=blocked)
+            durability = await ledger.append(state.event(gate, plan.ledger_event, source, **detail))
+        if stop_error is not None:
+            bound.error("midcall.withdrawal_recorder_running", error=stop_error, deleted_files=len(deleted))
+        _notify(plan, notices)
+        return Outcome(True, recorder_stopped=stop_error is None, deleted_files=tuple(deleted),
+                       durability=durability, error=stop_error)
+    if plan.mute is not None:
+        try:
+            await control.mute(plan.mute)
+        except RecordingControlError as error:
+            # No pause was made (or the recording stays muted): nothing to log as done.
+            bound.warning("midcall.mute_failed", mute=plan.mute, error=str(error))
+            return Outcome(False, error=str(error))
+        state.paused_at = now if plan.mute else None
+    durability = None
+    if plan.ledger_event is not None:
+        durability = await ledger.append(state.event(gate, plan.ledger_event, source, **plan.detail))
+    if plan.action is Action.CALLER_RECORDS:
+        state.caller_records = True
+    _notify(plan, notices)
+    return Outcome(True, durability=durability)
+
+
+def _notify(plan: Plan, notices: Notices) -> None:
+    if plan.caller_notice:
+        notices.to_caller(plan.caller_notice)
+    if plan.agent_notice:
+        notices.to_agents(plan.agent_notice)

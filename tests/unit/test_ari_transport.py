@@ -21,82 +21,9 @@ from aiohttp import web
 
 from ari_app.ami import AmiClient, AmiConfig
 from ari_app.transport import AriClient, AriConfig, AriError, ChannelGone, backoff_delay
+from consent_gate.rig.fakes import PASSWORD, USER, FakeAmi, FakeAri
 
 T = 3.0  # upper bound for any single wait; generous for slow CI, never actually slept
-USER, PASSWORD = "consent", "s3cr3t-pw"
-
-
-class FakeAri:
-    """Minimal ARI look-alike: records REST calls, hands websocket connections to the test.
-
-    The listening socket is bound at construction but only listens after start(), so a
-    client pointed at it before start() gets "connection refused" (Asterisk down) without
-    any race for the port.
-    """
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.requests: list[dict[str, Any]] = []
-        self.responses: dict[tuple[str, str], tuple[int, Any]] = {}
-        self.ws_queries: list[dict[str, str]] = []
-        self.connections: asyncio.Queue[web.WebSocketResponse] = asyncio.Queue()
-        self.runner: web.AppRunner | None = None
-        self.autoping = True  # False: a peer that stopped answering pings
-        self.entered = asyncio.Event()  # set when a REST request arrives
-        self.gate: asyncio.Event | None = None  # if set, REST replies wait for it
-        self._expected_auth = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/ari/events", self._events)
-        app.router.add_route("*", "/ari/{tail:.*}", self._rest)
-        self.runner = web.AppRunner(app, handle_signals=False)
-        await self.runner.setup()
-        await web.SockSite(self.runner, self.sock).start()
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-        self.sock.close()
-
-    def _authorized(self, request: web.Request) -> bool:
-        return request.headers.get("Authorization") == self._expected_auth
-
-    async def _events(self, request: web.Request) -> web.StreamResponse:
-        if not self._authorized(request):
-            return web.Response(status=401, text="Authentication required")
-        self.ws_queries.append(dict(request.query))
-        ws = web.WebSocketResponse(autoping=self.autoping)
-        await ws.prepare(request)
-        await self.connections.put(ws)
-        async for _ in ws:  # drain until either side closes
-            pass
-        return ws
-
-    async def _rest(self, request: web.Request) -> web.StreamResponse:
-        if not self._authorized(request):
-            return web.json_response({"message": "Authentication required"}, status=401)
-        path = request.rel_url.raw_path
-        body = await request.text()
-        self.requests.append(
-            {
-                "method": request.method,
-                "raw_path": path,
-                "query": dict(request.query),
-                "json": json.loads(body) if body else None,
-            }
-        )
-        self.entered.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        status, payload = self.responses.get((request.method, path), (204, None))
-        if payload is None:
-            return web.Response(status=status)
-        if isinstance(payload, str):
-            return web.Response(status=status, text=payload)
-        return web.json_response(payload, status=status)
 
 
 def make_config(port: int, **overrides: Any) -> AriConfig:
@@ -595,41 +522,6 @@ async def test_release_that_cannot_clear_the_result_never_continues(fake: FakeAr
     with pytest.raises(AriError):
         await release_unrecorded(client, "c1", fallback_timeout=1)
     assert [r["raw_path"] for r in fake.requests].count("/ari/channels/c1/continue") == 1
-
-
-class FakeAmi:
-    """An AMI look-alike: logs in anyone, records actions, answers Redirect as told."""
-
-    def __init__(self, redirect_reply: str) -> None:
-        self.redirect_reply = redirect_reply
-        self.actions: list[dict[str, str]] = []
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"Asterisk Call Manager/9.0.0\r\n")
-        message: dict[str, str] = {}
-        while line := await reader.readline():
-            text = line.decode().rstrip("\r\n")
-            if text:
-                key, _, value = text.partition(": ")
-                message[key] = value
-                continue
-            self.actions.append(message)
-            reply = "Success" if message["Action"] == "Login" else self.redirect_reply
-            writer.write(f"Response: {reply}\r\nActionID: {message['ActionID']}\r\n\r\n".encode())
-            await writer.drain()
-            message = {}
-        writer.close()
 
 
 @pytest.mark.parametrize("reply", ["Success", "Error"])

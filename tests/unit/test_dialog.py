@@ -105,6 +105,7 @@ class ScriptedPort:
         self.steps = list(steps)
         self.played: list[tuple[PromptRef, str]] = []
         self.waits: list[float] = []
+        self.discards: list[int] = []  # len(self.played) at each discard_keys()
 
     def _next(self, kind: type, what: str) -> Play | Wait:
         assert self.steps, f"the dialog did an unscripted {what}"
@@ -130,6 +131,9 @@ class ScriptedPort:
         self.waits.append(timeout)
         step = self._next(Wait, "wait_key")
         return self._outcome(step.key)
+
+    async def discard_keys(self) -> None:
+        self.discards.append(len(self.played))
 
     def assert_done(self) -> None:
         assert self.steps == [], f"the dialog stopped before {self.steps}"

@@ -20,12 +20,12 @@ from consent_gate.ledger import Durability
 
 @dataclass
 class FakeSession:
-    """The attributes of a CallSession that observe_call reads."""
+    """The attributes of a Call that observe_call reads."""
 
     purposes: list = field(default_factory=lambda: [SimpleNamespace(name="training")])
     result: object | None = None
-    hung_up: bool = False
-    state: DialogState = field(default_factory=DialogState)
+    caller_gone: bool = False
+    dialog: DialogState = field(default_factory=DialogState)
     started_monotonic: float = field(default_factory=time.monotonic)
 
 
@@ -38,10 +38,10 @@ def finished(status: Decision, *, digit: str | None = "1", decided_ago: float = 
     now = datetime.now(timezone.utc)
     session = FakeSession(result=SimpleNamespace(status=status, purpose="training"))
     session.started_monotonic = time.monotonic() - started_ago
-    session.state.prompt_started_at = now - timedelta(seconds=started_ago - prompt_after)
-    session.state.decided_at = now - timedelta(seconds=decided_ago)
-    session.state.digit = digit
-    session.state.durability = Durability.DATABASE
+    session.dialog.prompt_started_at = now - timedelta(seconds=started_ago - prompt_after)
+    session.dialog.decided_at = now - timedelta(seconds=decided_ago)
+    session.dialog.digit = digit
+    session.dialog.durability = Durability.DATABASE
     return session
 
 
@@ -76,7 +76,7 @@ def test_no_input_has_no_keypress_latency_and_a_crash_counts_as_unavailable() ->
     assert value("consent_gate_decisions_total", purpose="training", status="unavailable") == unavailable + 1
 
     abandoned = value("consent_gate_decisions_total", purpose="unknown", status="abandoned")
-    metrics.observe_call(FakeSession(purposes=[], hung_up=True))
+    metrics.observe_call(FakeSession(purposes=[], caller_gone=True))
     assert value("consent_gate_decisions_total", purpose="unknown", status="abandoned") == abandoned + 1
 
 
@@ -119,7 +119,7 @@ class FakeJournal:
 
 
 async def test_endpoint_serves_on_loopback_with_live_gauges() -> None:
-    app = SimpleNamespace(sessions={"a": 1, "b": 2}, watches={"c": 3})
+    app = SimpleNamespace(count_dialogs=lambda: 2, count_watches=lambda: 1)
     ledger = SimpleNamespace(degraded=True, journal=FakeJournal())
     exporter = await metrics.start_exporter(app, ledger, env={metrics.PORT_ENV: "0"})  # type: ignore[arg-type]
     try:

@@ -1,0 +1,114 @@
+"""Every name the dialplan (``dialplan/consent-gate.conf``) and the code share, in one place.
+
+Both adapters (ARI service, AGI script) hand the dialog's result back in one channel variable,
+:data:`RESULT_VARIABLE`, that ``[consent-gate-apply]`` unpacks with ``CUT()`` in
+:data:`RESULT_FIELDS` order.  Values read back from a channel are caller-reachable data (an
+earlier hop, a SIP header mapped into a variable, a forged AGI reply): the ``valid_*``
+functions here are the only way the code turns them into ids, statuses or times.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+
+# -- the result, handed back in one variable ----------------------------------------------------
+RESULT_VARIABLE = "CONSENT_RESULT"
+RESULT_SEPARATOR = ":"
+# Field N of the dialplan's CUT() is RESULT_FIELDS[N-1].
+RESULT_FIELDS = (
+    "CONSENT_ID",
+    "CONSENT_RECORDING_ID",
+    "CONSENT_RECORD_LEGS",
+    "CONSENT_CONFIRMATION",
+    "CONSENT_CALLER_RECORDS",
+    "CONSENT_PURPOSE",
+    "CONSENT_PURPOSES",
+    "CONSENT_STATUS",
+)
+# Statuses [consent-gate-apply] accepts; anything else stays "unavailable".
+CHANNEL_STATUSES = frozenset({"granted", "declined", "no-input", "notified", "unavailable"})
+RECORDING_STATUSES = frozenset({"granted", "notified"})
+
+# -- mid-call state kept on the caller's channel -----------------------------------------------
+# "1" once the caller withdrew: [consent-gate-apply] checks it right before and right after
+# MixMonitor, so a *0 that arrives before the recording starts blocks it.
+WITHDRAWN_VARIABLE = "CONSENT_WITHDRAWN"
+# MixMonitor's i() option stores its id here: StopMixMonitor / MixMonitorMute act on exactly
+# this call's recorder, never on another MixMonitor on the same channel.
+MIXMONITOR_ID_VARIABLE = "CONSENT_MIXMONITOR_ID"
+CALLER_RECORDS_VARIABLE = "CONSENT_CALLER_RECORDS"
+PAUSED_AT_VARIABLE = "CONSENT_PAUSED_AT"
+
+# -- where a call the service will not finish goes ----------------------------------------------
+# [consent-gate-released] clears the result, so nothing handed back before can start a
+# recording, then applies and returns like the gate.
+RELEASE_CONTEXT = "consent-gate-released"
+RELEASE_LABEL = "release"
+
+_RECORDING_ID = re.compile(r"[0-9a-f]{32}")
+_PURPOSE = re.compile(r"[a-z0-9-]{1,40}")
+# What Asterisk's MixMonitor stores via i(): a datastore uid; refuse anything that could carry
+# an AMI line break or a second field.
+_MIXMONITOR_ID = re.compile(r"[0-9A-Za-z_.:-]{1,80}")
+
+
+def valid_recording_id(value: object) -> str | None:
+    """A recording id (32 lowercase hex) or None: the only thing a file name is built from."""
+    return value if isinstance(value, str) and _RECORDING_ID.fullmatch(value) else None
+
+
+def valid_consent_id(value: object) -> str | None:
+    """A ledger consent id (a UUID, canonical form) or None."""
+    if not isinstance(value, str) or len(value) != 36:
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def valid_status(value: object) -> str | None:
+    return value if isinstance(value, str) and value in CHANNEL_STATUSES else None
+
+
+def valid_purpose_name(value: object) -> str | None:
+    return value if isinstance(value, str) and _PURPOSE.fullmatch(value) else None
+
+
+def valid_mixmonitor_id(value: object) -> str | None:
+    return value if isinstance(value, str) and _MIXMONITOR_ID.fullmatch(value) else None
+
+
+def valid_time(value: object) -> datetime | None:
+    """An ISO 8601 time with a timezone (as the adapters write it), else None."""
+    if not isinstance(value, str) or not 19 <= len(value) <= 40:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def unpack_result(packed: object) -> dict[str, str] | None:
+    """The fields of a ``CONSENT_RESULT`` value read back from a channel, each validated; None
+    if anything in it is malformed (the caller is then treated as not recorded)."""
+    if not isinstance(packed, str) or len(packed) > 600:
+        return None
+    parts = packed.split(RESULT_SEPARATOR)
+    if len(parts) != len(RESULT_FIELDS):
+        return None
+    fields = dict(zip(RESULT_FIELDS, parts, strict=True))
+    if valid_consent_id(fields["CONSENT_ID"]) is None or valid_status(fields["CONSENT_STATUS"]) is None:
+        return None
+    if fields["CONSENT_RECORDING_ID"] and valid_recording_id(fields["CONSENT_RECORDING_ID"]) is None:
+        return None
+    if not valid_purpose_name(fields["CONSENT_PURPOSE"]):
+        return None
+    if any(valid_purpose_name(name) is None for name in fields["CONSENT_PURPOSES"].split(",") if name):
+        return None
+    if fields["CONSENT_CALLER_RECORDS"] not in ("", "1") or fields["CONSENT_RECORD_LEGS"] not in ("", "1"):
+        return None
+    return fields

@@ -1,0 +1,175 @@
+"""Fakes of Asterisk's ARI (REST) and AMI for fast unit tests of one layer.
+
+The real Asterisk is covered by the integration tests; these pin down what the service sends
+and how it copes with answers, refusals and silence.  Both listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+USER, PASSWORD = "consent", "s3cr3t-pw"
+
+
+class FakeAri:
+    """Minimal ARI look-alike: records REST calls, hands websocket connections to the test.
+
+    The listening socket is bound at construction but only listens after start(), so a
+    client pointed at it before start() gets "connection refused" (Asterisk down) without
+    any race for the port.
+
+    Besides fixed ``responses`` by (method, raw path), it keeps channel variables
+    (``POST``/``GET /channels/{id}/variable``) and channel snapshots (``channels``) the way
+    Asterisk answers them (404 for an unknown channel or an unset variable).
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.requests: list[dict[str, Any]] = []
+        self.responses: dict[tuple[str, str], tuple[int, Any]] = {}
+        self.channels: dict[str, dict[str, Any]] = {}
+        self.variables: dict[tuple[str, str], str] = {}
+        self.ws_queries: list[dict[str, str]] = []
+        self.connections: asyncio.Queue[web.WebSocketResponse] = asyncio.Queue()
+        self.runner: web.AppRunner | None = None
+        self.autoping = True  # False: a peer that stopped answering pings
+        self.entered = asyncio.Event()  # set when a REST request arrives
+        self.gate: asyncio.Event | None = None  # if set, REST replies wait for it
+        self.on_request: Callable[[dict[str, Any]], None] | None = None
+        self._expected_auth = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/ari/events", self._events)
+        app.router.add_route("*", "/ari/{tail:.*}", self._rest)
+        self.runner = web.AppRunner(app, handle_signals=False)
+        await self.runner.setup()
+        await web.SockSite(self.runner, self.sock).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        self.sock.close()
+
+    def calls(self, method: str | None = None, path_part: str = "") -> list[dict[str, Any]]:
+        return [r for r in self.requests if (method is None or r["method"] == method) and path_part in r["raw_path"]]
+
+    def _authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == self._expected_auth
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return web.Response(status=401, text="Authentication required")
+        self.ws_queries.append(dict(request.query))
+        ws = web.WebSocketResponse(autoping=self.autoping)
+        await ws.prepare(request)
+        await self.connections.put(ws)
+        async for _ in ws:  # drain until either side closes
+            pass
+        return ws
+
+    async def _rest(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return web.json_response({"message": "Authentication required"}, status=401)
+        path = request.rel_url.raw_path
+        body = await request.text()
+        record = {
+            "method": request.method,
+            "raw_path": path,
+            "query": dict(request.query),
+            "json": json.loads(body) if body else None,
+        }
+        self.requests.append(record)
+        if self.on_request is not None:
+            self.on_request(record)
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if (request.method, path) in self.responses:
+            status, payload = self.responses[(request.method, path)]
+        else:
+            status, payload = self._stateful(request.method, path, record["query"])
+        if payload is None:
+            return web.Response(status=status)
+        if isinstance(payload, str):
+            return web.Response(status=status, text=payload)
+        return web.json_response(payload, status=status)
+
+    def _stateful(self, method: str, path: str, query: dict[str, str]) -> tuple[int, Any]:
+        parts = [unquote(p) for p in path.split("/")]
+        # /ari/channels/{id}[/variable], once a test has registered channels (else: 204 as before)
+        if self.channels and len(parts) >= 4 and parts[2] == "channels":
+            channel_id = parts[3]
+            known = channel_id in self.channels
+            if len(parts) == 4 and method == "GET":
+                return (200, self.channels[channel_id]) if known else (404, {"message": "Channel not found"})
+            if len(parts) == 5 and parts[4] == "variable":
+                if not known:
+                    return 404, {"message": "Channel not found"}
+                name = query.get("variable", "")
+                if method == "POST":
+                    self.variables[(channel_id, name)] = query.get("value", "")
+                    return 204, None
+                if (channel_id, name) in self.variables:
+                    return 200, {"value": self.variables[(channel_id, name)]}
+                return 404, {"message": "Provided variable was not found"}
+        return 204, None
+
+
+class FakeAmi:
+    """An AMI look-alike: logs in anyone, records actions, answers each action as told
+    (``replies``: action name -> "Success" or "Error"; Redirect's default is ``redirect_reply``)."""
+
+    def __init__(self, redirect_reply: str = "Success", replies: dict[str, str] | None = None) -> None:
+        self.redirect_reply = redirect_reply
+        self.replies = dict(replies or {})
+        self.actions: list[dict[str, str]] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.action_seen = asyncio.Event()
+
+    async def start(self, port: int = 0) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    def named(self, action: str) -> list[dict[str, str]]:
+        return [a for a in self.actions if a.get("Action") == action]
+
+    def _reply(self, action: str) -> str:
+        if action == "Login":
+            return "Success"
+        if action in self.replies:
+            return self.replies[action]
+        return self.redirect_reply if action == "Redirect" else "Success"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"Asterisk Call Manager/9.0.0\r\n")
+        message: dict[str, str] = {}
+        while line := await reader.readline():
+            text = line.decode().rstrip("\r\n")
+            if text:
+                key, _, value = text.partition(": ")
+                message[key] = value
+                continue
+            self.actions.append(message)
+            self.action_seen.set()
+            reply = self._reply(message.get("Action", ""))
+            writer.write(f"Response: {reply}\r\nActionID: {message.get('ActionID', '')}\r\n\r\n".encode())
+            await writer.drain()
+            message = {}
+        writer.close()
