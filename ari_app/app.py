@@ -188,7 +188,7 @@ class ConsentGateApp:
             recording_id=(fields["CONSENT_RECORDING_ID"] or None) if status in (
                 Decision.GRANTED, Decision.NOTIFIED) else None,
             confirmation=None, caller_records=fields["CONSENT_CALLER_RECORDS"] == "1" or caller_records,
-            purpose=purpose.name)
+            purpose=purpose.name, purposes=[name for name in fields["CONSENT_PURPOSES"].split(",") if name])
         call = Call(client=self.client, gate=self.gate, router=self.router, channel_id=channel_id, info=info,
                     purposes=[purpose], channel_name=str(channel.get("name") or ""), ami=self.ami)
         try:

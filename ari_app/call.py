@@ -306,7 +306,8 @@ class Call:
         self.transition(CallState.HANDING_BACK, status=str(result.status))
         purpose = self.gate.settings.purpose(result.purpose)
         if purpose is not None:
-            self._make_watch(MidCallState.after_dialog(self.info, purpose, result, self.dialog.language))
+            self._make_watch(MidCallState.after_dialog(self.info, purpose, result, self.dialog.language,
+                                                       self.gate.settings))
             assert self.watch is not None
             await self.watch.start()
         await self.client.set_var(self.channel_id, RESULT_VARIABLE, result.packed())
@@ -320,7 +321,7 @@ class Call:
         language = pick_language(self.info.language, self.gate.prompts.languages, self.gate.settings.default_language)
         self.dialog.language = language
         self.result = result
-        mid = MidCallState.after_dialog(self.info, self.purposes[0], result, language)
+        mid = MidCallState.after_dialog(self.info, self.purposes[0], result, language, self.gate.settings)
         mid.withdrawn = withdrawn
         mid.paused_at = None if withdrawn else paused_at
         self._make_watch(mid)

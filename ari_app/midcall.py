@@ -259,6 +259,7 @@ class MidCallWatch:
     resume_timer: asyncio.Task[None] | None = None
     stop_retry: asyncio.Task[None] | None = None
     ended: bool = False
+    bridge_retries: int = 3
     greet_present: bool = True  # False once: agents found in the bridge of an adopted call heard it
 
     @property
@@ -404,8 +405,10 @@ class MidCallWatch:
         task.add_done_callback(self.timers.discard)
         return task
 
-    def _find_bridge_later(self, attempts: int = 20, interval: float = 0.1) -> None:
+    def _find_bridge_later(self, attempts: int = 20, interval: float = 0.1, delay: float = 0.0) -> None:
         async def find() -> None:
+            if delay:
+                await asyncio.sleep(delay)  # a retry after a refused bridge subscription
             for _ in range(attempts):
                 with contextlib.suppress(AriError, OSError):
                     for bridge in await self.client.request("GET", "/bridges") or []:
@@ -422,12 +425,20 @@ class MidCallWatch:
     async def _on_bridge(self, bridge: dict[str, Any]) -> None:
         bridge_id = str(bridge.get("id") or "")
         channels = [c for c in bridge.get("channels", []) if isinstance(c, str)]
-        if bridge_id and bridge_id not in self.bridges and self.channel_id in channels:
-            self.bridges.add(bridge_id)
-            self.router.add(f"bridge:{bridge_id}", self.owner)
-            await self._subscribe(f"bridge:{bridge_id}")
-        if bridge_id not in self.bridges:
+        if not bridge_id or (bridge_id not in self.bridges and self.channel_id not in channels):
             return
+        if bridge_id not in self.bridges:
+            try:
+                await self._subscribe(f"bridge:{bridge_id}")  # later joins: a transferred agent
+                self.bridges.add(bridge_id)
+                self.router.add(f"bridge:{bridge_id}", self.owner)
+            except (AriError, OSError) as error:
+                # Seen right after Dial answers (422 "Event source does not exist"): the agents
+                # in it are taken all the same, and the bridge is looked up again shortly.
+                log.warning("midcall.bridge_subscribe_failed", bridge=bridge_id, error=str(error))
+                if self.bridge_retries > 0:
+                    self.bridge_retries -= 1
+                    self._find_bridge_later(delay=0.2)
         greet_present, self.greet_present = self.greet_present, True
         for other in channels:
             if other == self.channel_id or other in self.agents or other.startswith(SNOOP_PREFIX):

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import structlog
 
-from .config import DialogSettings, Purpose
+from .config import DialogSettings, Purpose, Settings
 from .dialog import CallInfo, DialogResult, GateContext, event_for
 from .events import ConsentEvent, EventKind
 from .ledger import Durability
@@ -102,16 +102,25 @@ class MidCallState:
     # the next *0, and the adapter's own retries, try again.
     recorder_stopped: bool = True
     paused_at: datetime | None = None
+    # The recording is also kept for a purpose the law requires (e.g. MiFID II, status
+    # "notified"): a *0 withdraws the consent purposes in the ledger, the recording stays.
+    kept_by_law: bool = False
 
     @classmethod
-    def after_dialog(cls, call: CallInfo, purpose: Purpose, result: DialogResult, language: str) -> MidCallState:
+    def after_dialog(cls, call: CallInfo, purpose: Purpose, result: DialogResult, language: str,
+                     settings: Settings | None = None) -> MidCallState:
         """The state a call is in once the consent dialog has handed its result back."""
+        kept_by_law = not purpose.asks_consent
+        if settings is not None:
+            kept_by_law = kept_by_law or any(
+                (p := settings.purpose(name)) is not None and not p.asks_consent for name in result.purposes)
         return cls(call=call, purpose=purpose, consent_id=result.consent_id, language=language,
-                   recording_id=result.recording_id, caller_records=result.caller_records)
+                   recording_id=result.recording_id, caller_records=result.caller_records,
+                   kept_by_law=kept_by_law and result.recording_id is not None)
 
     @property
     def recording(self) -> bool:
-        return self.recording_id is not None and not self.withdrawn
+        return self.recording_id is not None and (self.kept_by_law or not self.withdrawn)
 
     def agent_greeting(self) -> list[str]:
         """What an agent hears on joining the call (first agent and after a transfer)."""
@@ -138,6 +147,12 @@ class MidCallState:
         to stop...).  Pure: the state changes in :func:`execute_plan`, after the effect."""
         may_pause = role is Role.AGENT or settings.caller_may_pause
         match action, role:
+            case Action.WITHDRAW, Role.CALLER if self.kept_by_law:
+                if self.withdrawn:
+                    return None
+                # Nothing to stop or delete: the law requires this recording.  Logged, not announced
+                # (the caller's "recording stopped and deleted" would not be true).
+                return Plan(action, ledger_event=EventKind.WITHDRAWN, detail={"kept_by_law": True})
             case Action.WITHDRAW, Role.CALLER if self.recording:
                 return Plan(action, stop_recording=True, delete_recording=True,
                             ledger_event=EventKind.WITHDRAWN, caller_notice="withdrawn",
@@ -262,6 +277,10 @@ async def execute_plan(plan: Plan, state: MidCallState, *, control: RecordingCon
     """
     settings = gate.settings
     bound = log.bind(call_id=state.call.call_id, consent_id=state.consent_id, action=plan.action.value)
+    if plan.action is Action.WITHDRAW and not plan.stop_recording:
+        state.withdrawn = True  # the consent purposes; a recording the law requires goes on
+        durability = await ledger.append(state.event(gate, EventKind.WITHDRAWN, source, **plan.detail))
+        return Outcome(True, durability=durability)
     if plan.action is Action.WITHDRAW:
         blocked = True
         try:

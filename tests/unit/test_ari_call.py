@@ -35,6 +35,23 @@ REPO = Path(__file__).resolve().parents[2]
 SOUNDS = REPO / "prompts" / "sounds"
 CATALOG = PromptCatalog.load(SOUNDS)
 T = 5.0  # bound for every wait; never slept
+PURPOSES = """
+[purposes.training]
+legal_basis = "consent"
+prompt = "question-training"
+retention_days = 90
+training_copy = true
+
+[purposes.documentation]
+legal_basis = "consent"
+prompt = "question-documentation"
+retention_days = 365
+
+[purposes.securities]
+legal_basis = "legal-obligation"
+prompt = "notice-legal-obligation"
+retention_days = 1825
+"""
 CALLER = {"id": "c1", "name": "PJSIP/caller-00000001", "caller": {"number": "+4512345678"}, "language": "en",
           "dialplan": {"app_name": "Stasis"}}
 
@@ -146,7 +163,9 @@ async def eventually(predicate: Callable[[], bool], what: str = "condition") -> 
 def make_settings(tmp_path: Path, **changes: Any) -> Settings:
     recordings = tmp_path / "recordings"
     recordings.mkdir(mode=0o700)
-    base = load_settings(None, env={
+    config = tmp_path / "consent-gate.toml"
+    config.write_text(PURPOSES)
+    base = load_settings(config, env={
         "CONSENT_GATE_HMAC_KEY": "k" * 32,
         "CONSENT_GATE_ARI_PASSWORD": "pw",
         "CONSENT_GATE_PROMPTS_DIR": str(SOUNDS),
@@ -348,3 +367,40 @@ async def test_a_malformed_result_on_a_channel_is_not_adopted(rig: Rig, packed: 
     await rig.app.dispatch({"type": "TransportConnected"})
     await eventually(lambda: rig.ari.calls("DELETE", "/subscription") != [], "the old subscription dropped")
     assert rig.call_state("c1") is None
+
+
+# -- a recording the law requires: *0 withdraws the consent purposes, not the recording -----------
+
+async def notified_call(rig: Rig, purposes: str) -> str:
+    asked = len(rig.plays())
+    await rig.start_call(purposes)
+    for _ in purposes.split("+"):
+        await eventually(lambda: len(rig.plays()) > asked, "the next prompt")
+        asked = len(rig.plays())
+        playback = rig.plays()[-1]
+        if "notice-legal-obligation" in playback["query"]["media"]:
+            await rig.send("PlaybackFinished", playback={"id": playback["raw_path"].rsplit("/", 1)[-1]})
+        else:
+            await rig.keys("1")
+    await eventually(lambda: rig.call_state() is CallState.WATCHING, "the handed-back call")
+    recording_id = rig.var(RESULT_VARIABLE).split(":")[1]  # type: ignore[union-attr]
+    rig.left_stasis()
+    rig.mixmonitor_started(recording_id)
+    return recording_id
+
+
+@pytest.mark.parametrize("purposes", ["securities", "documentation+securities"])
+async def test_withdrawal_keeps_a_recording_the_law_requires(rig: Rig, purposes: str) -> None:
+    recording_id = await notified_call(rig, purposes)
+    await rig.keys("*0")
+    await eventually(lambda: withdrawn_events(rig) != [], "the withdrawn event")
+    assert withdrawn_events(rig)[0].detail == {"kept_by_law": True}
+    assert len(rig.recording_files(recording_id)) == 3
+    assert rig.ami.named("StopMixMonitor") == [] and rig.var(WITHDRAWN_VARIABLE) is None
+    # ... and the card-data pause still works on it.
+    await rig.send("ChannelVarset", variable="BRIDGEPEER", value="PJSIP/agent-00000002")
+    [call] = rig.app.calls
+    await eventually(lambda: call.watch is not None and "a1" in call.watch.agents, "the agent in the bridge")
+    await rig.keys("*5", channel="a1")
+    await eventually(lambda: EventKind.PAUSED in [e.event for e in rig.ledger.events], "the pause")
+    assert rig.ami.named("MixMonitorMute")[0]["State"] == "1"
