@@ -85,6 +85,9 @@ def _journal(args: argparse.Namespace) -> int:
                 await ledger.close()
 
         print(f"replayed {asyncio.run(replay())} event(s)")
+        if backlog := journal.backlog():
+            print(f"consent-gate: {backlog} event(s) still pending (another process may be replaying "
+                  "them right now)", file=sys.stderr)
     quarantined = journal.quarantined_lines()
     if quarantined:
         print(f"consent-gate: {quarantined} line(s) in quarantine: {journal.quarantine_path} "

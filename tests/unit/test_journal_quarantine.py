@@ -148,6 +148,8 @@ DATABASE_REJECTS: dict[str, tuple[dict[str, Any], str]] = {
     "check-violation-purpose": ({"purpose": "Not A Purpose"}, "CheckViolationError"),
     "check-violation-call-id": ({"call_id": "c" * 65}, "CheckViolationError"),
     "jsonb-nul": ({"detail": {"note": "\x00"}}, "UntranslatableCharacterError"),
+    # asyncpg cannot even encode it (a lone surrogate is no UTF-8): refused before PostgreSQL.
+    "unencodable-text": ({"caller_number": "\ud800"}, "DataError, SQLSTATE 22000, column caller_number"),
 }
 
 
