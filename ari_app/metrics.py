@@ -19,6 +19,10 @@ What is counted (docs/metrics.md has the Grafana panels):
   ``consent_gate_ari_connected``;
 * ``consent_gate_active_dialogs``, ``consent_gate_active_watches``, ``consent_gate_asyncio_tasks``;
 * ``consent_gate_journal_backlog_events``, ``consent_gate_ledger_degraded``;
+* ``consent_gate_journal_quarantined_total{kind}``, ``consent_gate_journal_quarantine_lines``,
+  ``consent_gate_journal_replay_failures_total`` — journal lines that can never be replayed
+  (moved to the quarantine file for an admin) and replay rounds that failed for another reason
+  than the database;
 * the standard ``process_*`` metrics (RSS, open files, CPU) of this process.
 
 Nothing here carries a caller's number or any other personal data: labels are purpose names and
@@ -28,6 +32,7 @@ statuses only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import time
@@ -98,6 +103,16 @@ MIDCALL_ERRORS = Counter(
     registry=REGISTRY)
 LEDGER_DEGRADED = Gauge(
     "consent_gate_ledger_degraded", "1 while the ledger writes to the journal (database unreachable).",
+    registry=REGISTRY)
+JOURNAL_QUARANTINED = Counter(
+    "consent_gate_journal_quarantined", "Journal lines this service moved to the quarantine, by kind.", ["kind"],
+    registry=REGISTRY)
+JOURNAL_QUARANTINE_LINES = Gauge(
+    "consent_gate_journal_quarantine_lines",
+    "Lines in the journal's quarantine file (from any process), waiting for an admin.", registry=REGISTRY)
+JOURNAL_REPLAY_FAILURES = Counter(
+    "consent_gate_journal_replay_failures",
+    "Journal replay rounds that failed for a reason other than the database (journal I/O, a bug).",
     registry=REGISTRY)
 
 _connections = 0
@@ -177,6 +192,10 @@ class Exporter:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._baseline: Any = None
+        # The ledger counts in plain integers (it is shared with the AGI script, which exports
+        # nothing); what of them this exporter has already added to its counters.
+        self._quarantined_seen: collections.Counter[str] = collections.Counter()
+        self._replay_failures_seen = 0
 
     def refresh(self) -> None:
         """Gauges that are read, not counted: sampled at scrape time."""
@@ -187,12 +206,21 @@ class Exporter:
             ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
         if self.ledger is not None:
             LEDGER_DEGRADED.set(1 if self.ledger.degraded else 0)
+            for kind, total in self.ledger.journal.quarantined_by_kind.items():
+                if total > self._quarantined_seen[kind]:
+                    JOURNAL_QUARANTINED.labels(kind=kind).inc(total - self._quarantined_seen[kind])
+                    self._quarantined_seen[kind] = total
+            if self.ledger.replay_failures > self._replay_failures_seen:
+                JOURNAL_REPLAY_FAILURES.inc(self.ledger.replay_failures - self._replay_failures_seen)
+                self._replay_failures_seen = self.ledger.replay_failures
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         self.refresh()
         if self.ledger is not None:
             with contextlib.suppress(OSError):
                 JOURNAL_BACKLOG.set(await asyncio.to_thread(self.ledger.journal.backlog))
+            with contextlib.suppress(OSError):
+                JOURNAL_QUARANTINE_LINES.set(await asyncio.to_thread(self.ledger.journal.quarantined_lines))
         body = await asyncio.to_thread(generate_latest, REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -74,16 +74,25 @@ def _journal(args: argparse.Namespace) -> int:
         events = journal.pending()
         _print_rows([{"occurred_at": e.occurred_at, "event": str(e.event), "consent_id": e.consent_id,
                       "call_id": e.call_id, "purpose": e.purpose, "digit": e.digit} for e in events], False)
-        return 0
+    elif args.journal_command == "requeue":
+        print(f"requeued {journal.requeue_quarantine()} quarantined line(s) into {journal.path}")
+    else:
+        async def replay() -> int:
+            ledger = Ledger(_dsn(args), journal)
+            try:
+                return await ledger.replay_journal()
+            finally:
+                await ledger.close()
 
-    async def replay() -> int:
-        ledger = Ledger(_dsn(args), journal)
-        try:
-            return await ledger.replay_journal()
-        finally:
-            await ledger.close()
-
-    print(f"replayed {asyncio.run(replay())} event(s)")
+        print(f"replayed {asyncio.run(replay())} event(s)")
+        if backlog := journal.backlog():
+            print(f"consent-gate: {backlog} event(s) still pending (another process may be replaying "
+                  "them right now)", file=sys.stderr)
+    quarantined = journal.quarantined_lines()
+    if quarantined:
+        print(f"consent-gate: {quarantined} line(s) in quarantine: {journal.quarantine_path} "
+              f"(why: {journal.reasons_path}); fix the cause, then "
+              f"`consent-gate journal requeue --dir {args.dir}`", file=sys.stderr)
     return 0
 
 
@@ -106,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     journal = sub.add_parser("journal", help="the local journal of decisions the database could not take")
     journal_sub = journal.add_subparsers(dest="journal_command", required=True)
     for name, help_text in (("show", "list journaled events not yet in the database"),
-                            ("replay", "move journaled events into the database (idempotent)")):
+                            ("replay", "move journaled events into the database (idempotent)"),
+                            ("requeue", "move quarantined lines back into the journal, once fixed")):
         cmd = journal_sub.add_parser(name, help=help_text)
         cmd.add_argument("--dir", required=True, type=Path, help="journal directory (ledger.journal_dir)")
         cmd.add_argument("--dsn", help="PostgreSQL DSN (default $CONSENT_GATE_DSN)")

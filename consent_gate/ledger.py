@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import uuid
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,14 +27,36 @@ log = structlog.get_logger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SQL_DIR = PROJECT_DIR / "sql"
 
-INSERT_SQL = """
-INSERT INTO consent_events (
-    event_id, consent_id, call_id, event, purpose, legal_basis, language, prompt_version, digit,
-    caller_ref, caller_number, recording_id, prompt_started_at, decided_at, occurred_at, source,
-    via_journal, detail)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18::jsonb)
+INSERT_COLUMNS = (
+    "event_id", "consent_id", "call_id", "event", "purpose", "legal_basis", "language", "prompt_version",
+    "digit", "caller_ref", "caller_number", "recording_id", "prompt_started_at", "decided_at", "occurred_at",
+    "source", "via_journal", "detail",
+)
+INSERT_SQL = f"""
+INSERT INTO consent_events ({", ".join(INSERT_COLUMNS)})
+VALUES ({", ".join(f"${n}" for n in range(1, len(INSERT_COLUMNS)))}, ${len(INSERT_COLUMNS)}::jsonb)
 ON CONFLICT (event_id) DO NOTHING
 """
+
+# What PostgreSQL (or asyncpg, encoding a value) says about the event itself: storing it again
+# gives the same answer, so the replay quarantines it.  Anything else (connection, timeout,
+# privileges, a server shutting down) may pass later: the event stays pending.
+REJECTED_EVENT = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+_ARGUMENT = re.compile(r"query argument \$(\d+)")
+
+
+def rejection_reason(error: Exception) -> str:
+    """Why the database refused an event, without the values (they may be caller data)."""
+    parts = [type(error).__name__, f"SQLSTATE {getattr(error, 'sqlstate', None) or '?'}"]
+    column = getattr(error, "column_name", None)
+    if column is None and (match := _ARGUMENT.search(str(error))):  # asyncpg could not encode it
+        index = int(match.group(1)) - 1
+        column = INSERT_COLUMNS[index] if 0 <= index < len(INSERT_COLUMNS) else None
+    if column:
+        parts.append(f"column {column}")
+    if constraint := getattr(error, "constraint_name", None):
+        parts.append(f"constraint {constraint}")
+    return ", ".join(parts)
 
 
 class Durability(StrEnum):
@@ -72,6 +96,8 @@ class Ledger:
         self._replayer: asyncio.Task[None] | None = None
         self._wake_replayer = asyncio.Event()
         self.degraded = False
+        # Replay rounds that failed for a reason other than the database (journal I/O, a bug).
+        self.replay_failures = 0
 
     async def start(self) -> None:
         """Never fails because the database is down: the journal takes over until it returns."""
@@ -113,7 +139,10 @@ class Ledger:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # any database failure sends the event to the journal
-            self.degraded = True
+            # An event the database refuses says nothing about its health: the replay will
+            # quarantine it, the other callers are still asked.
+            if not isinstance(error, REJECTED_EVENT):
+                self.degraded = True
             log.warning("ledger.database_write_failed", error=repr(error), event_id=str(event.event_id))
         if not use_journal:
             return Durability.LOST
@@ -125,30 +154,78 @@ class Ledger:
         self._wake_replayer.set()
         return Durability.JOURNAL
 
-    async def replay_journal(self) -> int:
-        """Move journaled events into the database; returns how many were replayed."""
-        count = await self.journal.drain(lambda events: self._insert(events, via_journal=True))
-        if count:
-            log.info("ledger.journal_replayed", events=count)
-        elif self.degraded:
-            # Nothing to replay: prove the database answers before leaving degraded mode.
+    async def _replay_events(self, events: list[ConsentEvent]) -> dict[uuid.UUID, str]:
+        """The journal's store: the batch in one transaction; if the database refuses it, each
+        event on its own, so one bad event holds up no other.  Returns the refused ones."""
+        try:
+            await self._insert(events, via_journal=True)
+            self.degraded = False
+            return {}
+        except REJECTED_EVENT as error:
+            if len(events) == 1:
+                self.degraded = False
+                return {events[0].event_id: rejection_reason(error)}
+        except Exception:
+            self.degraded = True
+            raise
+        rejected: dict[uuid.UUID, str] = {}
+        for event in events:
+            try:
+                await self._insert([event], via_journal=True)
+            except REJECTED_EVENT as error:
+                rejected[event.event_id] = rejection_reason(error)
+            except Exception:
+                self.degraded = True  # the batch stays pending; the events stored so far are known ids
+                raise
+        self.degraded = False
+        return rejected
+
+    async def _check_database(self) -> None:
+        """Leave degraded mode only once the database answers; raises while it does not."""
+        try:
             pool = await self._get_pool()
             await pool.fetchval("SELECT 1", timeout=self.write_timeout)
+        except Exception:
+            self.degraded = True
+            raise
         self.degraded = False
+
+    async def replay_journal(self) -> int:
+        """Move journaled events into the database; returns how many were replayed.
+
+        Lines that can never be stored go to the journal's quarantine (logged as
+        ``journal.quarantined``); a database failure leaves them pending and raises.
+        """
+        if self.degraded:
+            await self._check_database()
+        count = await self.journal.drain(self._replay_events)
+        if count:
+            log.info("ledger.journal_replayed", events=count)
         return count
 
+    async def _backlog(self) -> int | None:
+        try:
+            return await asyncio.to_thread(self.journal.backlog)
+        except OSError:  # only for the log line: never what stops the replayer
+            return None
+
     async def _replay_loop(self) -> None:
+        """Never ends but by cancellation: every failure is logged and retried next round."""
         while True:
+            self._wake_replayer.clear()  # an append during this round wakes the next one
             try:
                 await self.replay_journal()
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                self.degraded = True
-                log.info("ledger.replay_deferred", error=repr(error), backlog=self.journal.backlog())
+                if self.degraded:  # the database failed (set where it was seen)
+                    log.info("ledger.replay_deferred", error=repr(error), backlog=await self._backlog())
+                else:
+                    self.replay_failures += 1
+                    log.error("ledger.replay_failed", error=repr(error), backlog=await self._backlog(),
+                              exc_info=error)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake_replayer.wait(), self.replay_interval)
-            self._wake_replayer.clear()
 
     async def history(self, *, call_id: str | None = None, consent_id: str | None = None) -> list[dict[str, Any]]:
         pool = await self._get_pool()

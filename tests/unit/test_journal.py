@@ -105,7 +105,8 @@ def test_append_after_a_torn_line_is_not_lost(tmp_path: Path) -> None:
     assert journal.pending() == [first, after]
 
 
-def test_garbage_lines_are_skipped(tmp_path: Path) -> None:
+def test_garbage_lines_are_not_pending(tmp_path: Path) -> None:
+    """Not replayable, so not pending; the next drain moves them to the quarantine."""
     journal = Journal(tmp_path / "journal")
     first, second = make_event("a"), make_event("b")
     journal.append(first)
@@ -113,6 +114,25 @@ def test_garbage_lines_are_skipped(tmp_path: Path) -> None:
         fh.write(b"[1, 2]\n{}\nnot json\n\n")
     journal.append(second)
     assert journal.pending() == [first, second]
+
+
+async def test_drain_quarantines_garbage_and_stores_the_rest(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal")
+    first, second = make_event("a"), make_event("b")
+    journal.append(first)
+    with open(journal.path, "ab") as fh:
+        fh.write(b"[1, 2]\n{}\nnot json\n\n")
+    journal.append(second)
+    stored: list[ConsentEvent] = []
+
+    async def store(batch: list[ConsentEvent]) -> None:
+        stored.extend(batch)
+
+    assert await journal.drain(store) == 2
+    assert stored == [first, second]
+    assert journal.quarantine_path.read_bytes() == b"[1, 2]\n{}\nnot json\n"  # the empty line held nothing
+    assert [r["line"] for r in journal.quarantine_reasons()] == [2, 3, 4]
+    assert journal.pending() == [] and journal.quarantined_lines() == 3
 
 
 async def test_drain_stores_then_removes(tmp_path: Path) -> None:

@@ -114,13 +114,19 @@ def test_port_setting() -> None:
 
 
 class FakeJournal:
+    def __init__(self) -> None:
+        self.quarantined_by_kind = {"invalid-json": 2}
+
     def backlog(self) -> int:
         return 3
+
+    def quarantined_lines(self) -> int:
+        return 2
 
 
 async def test_endpoint_serves_on_loopback_with_live_gauges() -> None:
     app = SimpleNamespace(count_dialogs=lambda: 2, count_watches=lambda: 1)
-    ledger = SimpleNamespace(degraded=True, journal=FakeJournal())
+    ledger = SimpleNamespace(degraded=True, journal=FakeJournal(), replay_failures=0)
     exporter = await metrics.start_exporter(app, ledger, env={metrics.PORT_ENV: "0"})  # type: ignore[arg-type]
     try:
         assert exporter.port
@@ -133,6 +139,7 @@ async def test_endpoint_serves_on_loopback_with_live_gauges() -> None:
         assert metrics.sample("consent_gate_active_watches", text=text) == 1
         assert metrics.sample("consent_gate_journal_backlog_events", text=text) == 3
         assert metrics.sample("consent_gate_ledger_degraded", text=text) == 1
+        assert metrics.sample("consent_gate_journal_quarantine_lines", text=text) == 2
         assert metrics.sample("consent_gate_asyncio_tasks", text=text) >= 1
         assert metrics.sample("process_resident_memory_bytes", text=text) > 0
         assert metrics.sample("process_open_fds", text=text) > 0
