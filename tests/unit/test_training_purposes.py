@@ -27,13 +27,13 @@ import pytest
 from consent_gate import anonymise as an
 from consent_gate import subject, training
 from consent_gate.config import Purpose, Settings, load_settings
-from consent_gate.dialog import CallInfo, DialogResult, GateContext, PromptRef, run_gate
+from consent_gate.dialog import CallInfo, DialogResult, GateContext, PromptRef, event_for, run_gate
 from consent_gate.events import Decision, EventKind
 from consent_gate.journal import Journal
 from consent_gate.ledger import Ledger, migrate
 from consent_gate.midcall import MidCallState
 from consent_gate.prompts import PromptCatalog
-from consent_gate.retention import RetentionSweeper
+from consent_gate.retention import RetentionSweeper, place_hold, release_hold
 from consent_gate.rig.pgsandbox import PgSandbox
 
 REPO = Path(__file__).resolve().parents[2]
@@ -357,3 +357,54 @@ async def test_an_erased_training_decision_gets_no_copy_while_a_legal_obligation
     with pytest.raises(training.NotEligible):
         await make_copy(rig, conn, result.recording_id)
     assert not rig.copies.exists()
+
+
+async def test_a_grant_the_gate_reported_as_unavailable_keeps_nothing(
+    db: str, conn: asyncpg.Connection, rig: Rig,
+) -> None:
+    """documentation's grant reached the database after the write timed out, so the gate logged
+    ``unavailable`` for it and recorded for training only: documentation keeps nothing."""
+    call = CallInfo(call_id=f"tp-{uuid.uuid4().hex[:16]}", caller_number="+45 20 30 40 50", language="en")
+    consent_id, recording_id = uuid.uuid4(), uuid.uuid4().hex
+    for purpose, kind, recording in (("documentation", EventKind.GRANTED, recording_id),
+                                     ("documentation", EventKind.UNAVAILABLE, None),
+                                     ("training", EventKind.GRANTED, recording_id)):
+        await rig.gate.ledger.append(event_for(rig.gate, call, PURPOSES[purpose], kind, consent_id=consent_id,
+                                               language="en", recording_id=recording, source="ari"))
+    result = DialogResult(Decision.GRANTED, str(consent_id), recording_id, None, record_legs=True,
+                          purpose="training", purposes=["training"])
+    paths = record(rig, result)
+    outcome = await make_copy(rig, conn, recording_id)
+    assert outcome.created and outcome.original_deleted and not any(p.exists() for p in paths)
+    assert (await decisions(conn, str(consent_id)))["documentation"]["decision"] == "unavailable"
+
+
+async def test_a_legal_hold_keeps_the_original_until_released(
+    db: str, conn: asyncpg.Connection, rig: Rig,
+) -> None:
+    call, result = await place_call(rig, "training", {"question-training": YES})
+    assert result.recording_id is not None
+    paths = record(rig, result)
+    hold = await place_hold(conn, call_id=call.call_id, reason="complaint 17", actor="test", at=T0)
+    outcome = await make_copy(rig, conn, result.recording_id)
+    assert outcome.created and outcome.kept_because == "legal hold" and all(p.exists() for p in paths)
+    assert await recording_tombstones(conn, result.recording_id) == []
+    await release_hold(conn, hold, reason="closed", actor="test", at=T0 + DAY)
+    rerun = await make_copy(rig, conn, result.recording_id)
+    assert not rerun.created and rerun.original_deleted and not any(p.exists() for p in paths)
+    assert len(await recording_tombstones(conn, result.recording_id)) == 1
+
+
+async def test_files_left_behind_a_committed_tombstone_are_deleted_by_a_rerun(
+    db: str, conn: asyncpg.Connection, rig: Rig,
+) -> None:
+    """The tombstone commits before the files go: a crash in between leaves files that a re-run
+    deletes, under the same tombstone."""
+    _, result = await place_call(rig, "training", {"question-training": YES})
+    assert result.recording_id is not None
+    record(rig, result)
+    await make_copy(rig, conn, result.recording_id)
+    left = record(rig, result)  # as if the process had died right after the commit
+    rerun = await make_copy(rig, conn, result.recording_id)
+    assert rerun.original_deleted and not any(p.exists() for p in left)
+    assert len(await recording_tombstones(conn, result.recording_id)) == 1
