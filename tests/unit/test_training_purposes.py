@@ -27,7 +27,14 @@ import pytest
 from consent_gate import anonymise as an
 from consent_gate import subject, training
 from consent_gate.config import Purpose, Settings, load_settings
-from consent_gate.dialog import CallInfo, DialogResult, GateContext, PromptRef, event_for, run_gate
+from consent_gate.dialog import (
+    CallInfo,
+    DialogResult,
+    GateContext,
+    PromptRef,
+    event_for,
+    run_gate,
+)
 from consent_gate.events import Decision, EventKind
 from consent_gate.journal import Journal
 from consent_gate.ledger import Ledger, migrate
