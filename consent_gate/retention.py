@@ -5,9 +5,11 @@ Its clock starts at its first event; it ends ``retention_days`` (from the purpos
 later.  When it has ended the sweeper
 
 * deletes every recording none of whose groups still needs it -- a recording is needed by a
-  group until that group's retention ends, the caller withdraws consent (``withdrawn``, for
-  consent-based purposes) or the group is erased on the caller's request -- all files of the
-  id (``<id>.wav`` and the ``<id>-caller.wav`` / ``<id>-agent.wav`` legs);
+  group whose decision is granted (or notified) until that group's retention ends, the caller
+  withdraws consent (``withdrawn``: one event, under the call's primary purpose, withdraws every
+  consent-based purpose of the call), the group is erased on the caller's request, or, for a
+  purpose with training copies, its copy exists -- all files of the id (``<id>.wav`` and the
+  ``<id>-caller.wav`` / ``<id>-agent.wav`` legs);
 * redacts the personal fields (``caller_ref``, ``caller_number``) of the group's ledger rows
   through ``consent_redact()``, after writing a tombstone in ``data_erasures`` that says what
   was removed and why.  Everything else in the rows stays: the non-personal proof that a
