@@ -5,9 +5,11 @@ Its clock starts at its first event; it ends ``retention_days`` (from the purpos
 later.  When it has ended the sweeper
 
 * deletes every recording none of whose groups still needs it -- a recording is needed by a
-  group until that group's retention ends, the caller withdraws consent (``withdrawn``, for
-  consent-based purposes) or the group is erased on the caller's request -- all files of the
-  id (``<id>.wav`` and the ``<id>-caller.wav`` / ``<id>-agent.wav`` legs);
+  group whose decision is granted (or notified) until that group's retention ends, the caller
+  withdraws consent (``withdrawn``: one event, under the call's primary purpose, withdraws every
+  consent-based purpose of the call), the group is erased on the caller's request, or, for a
+  purpose with training copies, its copy exists -- all files of the id (``<id>.wav`` and the
+  ``<id>-caller.wav`` / ``<id>-agent.wav`` legs);
 * redacts the personal fields (``caller_ref``, ``caller_number``) of the group's ledger rows
   through ``consent_redact()``, after writing a tombstone in ``data_erasures`` that says what
   was removed and why.  Everything else in the rows stays: the non-personal proof that a
@@ -142,6 +144,8 @@ class Group:
     recording_ids: tuple[str, ...]
     erased: bool
     held: bool
+    decision: str | None = None  # the group's latest decision event; None: none stored (yet)
+    copy_made: bool = False  # a training copy of the group's recording exists
 
     def expires_at(self, purposes: Mapping[str, Purpose]) -> datetime | None:
         purpose = purposes.get(self.purpose)
@@ -155,19 +159,37 @@ class Group:
         return expires is not None and expires <= now
 
     def claim_ended(self, purposes: Mapping[str, Purpose], now: datetime) -> bool:
-        """This group no longer needs its recording."""
+        """This group no longer needs its recording (the one rule for the sweeper, the erasure
+        and the training worker)."""
         if self.erased:
             return True
+        if self.decision is not None and self.decision not in RECORDING_DECISIONS:
+            return True  # declined, no answer, unavailable: this purpose never kept the recording
         if self.withdrawn_at is not None and self.legal_basis == "consent":
-            return True
+            return True  # withdrawn_at covers the whole call (GROUPS_SQL)
+        purpose = purposes.get(self.purpose)
+        if purpose is not None and purpose.training_copy and self.copy_made:
+            return True  # the de-identified copy replaces the original for a training purpose
         return self.expired(purposes, now)
+
+
+# The decisions under which a purpose keeps a recording.
+RECORDING_DECISIONS = frozenset({"granted", "notified"})
 
 
 GROUPS_SQL = """
 WITH keys AS ({keys})
 SELECT e.consent_id, e.purpose, min(e.legal_basis) AS legal_basis, min(e.call_id) AS call_id,
        min(e.occurred_at) AS started,
-       min(e.occurred_at) FILTER (WHERE e.event = 'withdrawn') AS withdrawn_at,
+       (array_agg(e.event ORDER BY e.occurred_at DESC, e.seq DESC)
+            FILTER (WHERE e.event IN ('granted', 'declined', 'no-input', 'abandoned', 'unavailable', 'notified')))[1]
+           AS decision,
+       -- A withdrawal (*0) is logged once, under the call's primary purpose, and withdraws every
+       -- consent-based purpose of the call: look for it across the consent_id.
+       (SELECT min(w.occurred_at) FROM consent_events w
+         WHERE w.consent_id = e.consent_id AND w.event = 'withdrawn') AS withdrawn_at,
+       coalesce(bool_or(EXISTS (SELECT 1 FROM training_copy_links l WHERE l.recording_id = e.recording_id)),
+                false) AS copy_made,
        count(*) FILTER (WHERE e.redacted_at IS NULL) AS unredacted,
        coalesce(array_agg(DISTINCT e.recording_id) FILTER (WHERE e.recording_id IS NOT NULL), '{{}}')
            AS recording_ids,
@@ -212,7 +234,8 @@ async def fetch_groups(connection: asyncpg.Connection, keys_sql: str, *args: Any
     return [Group(consent_id=row["consent_id"], purpose=row["purpose"], legal_basis=row["legal_basis"],
                   call_id=row["call_id"], started=row["started"], withdrawn_at=row["withdrawn_at"],
                   unredacted=row["unredacted"], recording_ids=tuple(sorted(row["recording_ids"])),
-                  erased=row["erased"], held=row["held"]) for row in rows]
+                  erased=row["erased"], held=row["held"], decision=row["decision"],
+                  copy_made=row["copy_made"]) for row in rows]
 
 
 async def write_erasure(

@@ -16,8 +16,10 @@ into one copy:
 * the index row (``training_copies``) has the id, the period, the purpose, what was done to
   each leg and the deletion date; the link to the recording is ``training_copy_links``, the
   only place that joins the two;
-* the original files are deleted once the copy exists, unless :func:`keeps_original` names a
-  reason to keep them (another purpose granted for the same recording, a legal hold).
+* the original files are deleted once the copy exists, with a tombstone in ``data_erasures``,
+  unless :func:`keeps_original` names a reason to keep them (another purpose of the recording
+  still holds it, a legal hold).  Every decision is per (consent id, purpose): a granular gate
+  gives all purposes of a call one consent id and one recording.
 
 Nothing here logs or stores the anonymisation parameters.
 """
@@ -43,6 +45,18 @@ import structlog
 
 from . import anonymise as an
 from .config import DEFAULT_PURPOSES, Purpose
+from .events import utcnow
+from .retention import (
+    KEYS_BY_RECORDINGS,
+    RECORDING_DELETED,
+    Group,
+    delete_recording_files,
+    fetch_groups,
+    lock_recording,
+    recording_files,
+    share_hold_lock,
+    write_erasure,
+)
 
 __all__ = [
     "CopyOutcome",
@@ -201,67 +215,90 @@ def write_copy(files: RecordingFiles, copies_dir: Path, period: str,
 
 # -- the database side -----------------------------------------------------------------------
 
-_TRAINING_DECISION = """
-SELECT d.purpose
-  FROM consent_decisions d
- WHERE d.recording_id = $1 AND d.decision = 'granted' AND d.latest_event <> 'withdrawn'
-   AND d.purpose = ANY($2::text[])
- ORDER BY d.purpose LIMIT 1
-"""
-
-
-async def keeps_original(connection: asyncpg.Connection, recording_id: str, copy_purpose: str) -> str | None:
-    """Why the original recording must stay after its training copy exists, or None to delete it.
-
-    The one place this decision is made.  The original stays when
-      * another purpose still holds it: a decision for a purpose other than ``copy_purpose``
-        names this recording and was granted (or, for a legal obligation, notified) and not
-        withdrawn; its own retention then applies;
-      * a legal hold is active on the call or on the caller.
-    """
-    row = await connection.fetchrow(
-        """SELECT purpose FROM consent_decisions
-            WHERE recording_id = $1 AND purpose <> $2 AND decision IN ('granted', 'notified')
-              AND latest_event <> 'withdrawn'
-            ORDER BY purpose LIMIT 1""",
-        recording_id, copy_purpose)
-    if row is not None:
-        return f"purpose {row['purpose']} keeps the recording"
-    if await connection.fetchval("SELECT to_regclass('active_legal_holds') IS NOT NULL"):
-        held = await connection.fetchval(
-            """SELECT count(*) FROM active_legal_holds h
-                WHERE h.call_id IN (SELECT call_id FROM consent_events WHERE recording_id = $1)
-                   OR h.caller_ref IN (SELECT caller_ref FROM consent_events
-                                        WHERE recording_id = $1 AND caller_ref IS NOT NULL)""",
-            recording_id)
-        if held:
-            return "legal hold"
-    return None
-
-
-def _delete_originals(files: RecordingFiles) -> list[str]:
-    removed = []
-    for path in files.all():
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path.name)
-    if removed:
-        _fsync_dir(files.mixed.parent)
-    return removed
+# A granular gate gives every purpose of a call the same consent_id and recording id: every
+# decision here is per (consent_id, purpose) -- a decision group of consent_gate.retention.
+TRAINING_ACTOR = "training-worker"
 
 
 def _training_purposes(purposes: Mapping[str, Purpose]) -> list[str]:
     return sorted(name for name, purpose in purposes.items() if purpose.training_copy)
 
 
+async def _granted_training_group(connection: asyncpg.Connection, recording_id: str,
+                                  purposes: Mapping[str, Purpose], now: datetime) -> Group | None:
+    """The training-copy purpose of this recording that was granted and still holds it (not
+    withdrawn -- a withdrawal under any purpose of the call counts --, not erased, not expired)."""
+    names = set(_training_purposes(purposes))
+    groups = await fetch_groups(connection, KEYS_BY_RECORDINGS, [recording_id])
+    eligible = [g for g in groups if g.purpose in names and g.decision == "granted"
+                and recording_id in g.recording_ids and not g.claim_ended(purposes, now)]
+    return min(eligible, key=lambda g: g.purpose, default=None)
+
+
+async def keeps_original(connection: asyncpg.Connection, recording_id: str, copy_purpose: str, *,
+                         purposes: Mapping[str, Purpose] = DEFAULT_PURPOSES,
+                         now: datetime | None = None) -> str | None:
+    """Why the original recording must stay after its training copy exists, or None to delete it.
+
+    The one place this decision is made, by the retention rule (``Group.claim_ended``) applied to
+    every decision group that names the recording.  The original stays when
+      * another purpose still holds it: a group for a purpose other than ``copy_purpose`` (of the
+        same call or not) that was granted or notified and is not withdrawn (consent-based
+        purposes), erased or past its retention; that purpose's own retention then applies, and
+        the retention sweeper deletes the original when it ends;
+      * a legal hold is active on the call or on the caller.
+    """
+    groups = await fetch_groups(connection, KEYS_BY_RECORDINGS, [recording_id])
+    moment = now or utcnow()
+    keeping = sorted({g.purpose for g in groups if g.purpose != copy_purpose and recording_id in g.recording_ids
+                      and not g.claim_ended(purposes, moment)})
+    if keeping:
+        return f"purpose {keeping[0]} keeps the recording"
+    if any(g.held for g in groups):
+        return "legal hold"
+    return None
+
+
+async def _release_original(connection: asyncpg.Connection, files: RecordingFiles, recording_id: str,
+                            copy_purpose: str, purposes: Mapping[str, Purpose],
+                            now: datetime) -> tuple[bool, str | None]:
+    """Delete the original once its copy exists, unless :func:`keeps_original` keeps it.
+
+    Under the retention sweeper's locks (a hold placed meanwhile waits, a sweeper or an erasure
+    on the same recording waits).  The tombstone (``data_erasures``, scope ``recording``, kind
+    ``retention``) commits first and names the files; the files go after the commit, so no
+    deletion is ever unrecorded.  A run that finds its own earlier tombstone and files still
+    there (a crash between the two) deletes them without a second tombstone."""
+    async with connection.transaction():
+        await share_hold_lock(connection)
+        await lock_recording(connection, recording_id, wait=True)
+        kept = await keeps_original(connection, recording_id, copy_purpose, purposes=purposes, now=now)
+        if kept is not None:
+            return False, kept
+        present = recording_files(files.mixed.parent, recording_id)
+        if not present:
+            return False, None
+        if not await connection.fetchval(RECORDING_DELETED, recording_id):
+            await write_erasure(
+                connection, kind="retention", scope="recording", recording_id=recording_id,
+                files=[p.name for p in present], actor=TRAINING_ACTOR, at=now,
+                reason=f"training copy made (purpose '{copy_purpose}'); no other purpose keeps the original")
+    removed = await asyncio.to_thread(delete_recording_files, present)
+    return bool(removed), None
+
+
 async def make_training_copy(
     connection: asyncpg.Connection, recording_id: str, *, recordings_dir: Path, copies_dir: Path,
     purposes: Mapping[str, Purpose] = DEFAULT_PURPOSES, settings: TrainingSettings | None = None,
-    today: date | None = None, rng: an.RandomSource | None = None,
+    today: date | None = None, rng: an.RandomSource | None = None, now: datetime | None = None,
 ) -> CopyOutcome:
     """Make (once) the training copy of one recording, then delete the original unless
-    :func:`keeps_original` keeps it.  Safe to run twice at once (a per-recording lock)."""
+    :func:`keeps_original` keeps it.  Safe to run twice at once (a per-recording lock).
+
+    ``now`` (default: the clock) judges withdrawals and retention; ``today`` (default: the date of
+    ``now``) gives the copy's period."""
     settings = settings or TrainingSettings()
+    moment = now or utcnow()
     files = RecordingFiles.of(recordings_dir, recording_id)
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock(hashtext('consent-gate-training:' || $1))",
@@ -270,49 +307,49 @@ async def make_training_copy(
             "SELECT l.copy_id, c.purpose FROM training_copy_links l JOIN training_copies c USING (copy_id)"
             " WHERE l.recording_id = $1", recording_id)
         if existing is not None:
-            kept = await keeps_original(connection, recording_id, existing["purpose"])
-            copy_id = existing["copy_id"]
-            deleted = False
-            if kept is None and any(p.exists() for p in files.all()):
-                deleted = bool(_delete_originals(files))
-            return CopyOutcome(copy_id, copies_dir / f"{copy_id}.wav", False, deleted, kept)
-        decision = await connection.fetchrow(_TRAINING_DECISION, recording_id, _training_purposes(purposes))
-        if decision is None:
-            raise NotEligible(f"recording {recording_id}: no granted training-copy decision")
-        if not all(wav_is_closed(path, settings.settle_seconds) for path in (files.caller, files.agent)):
-            raise NotReady(f"recording {recording_id}: caller/agent legs missing or still being written")
-        purpose = purposes[decision["purpose"]]
-        period = coarse_period(today or datetime.now(UTC).date())
-        delete_after = _period_start(period).date() + timedelta(days=purpose.retention_days)
-        copy_id, path = await asyncio.to_thread(write_copy, files, copies_dir, period, settings, rng)
-        try:
-            await connection.execute(
-                "INSERT INTO training_copies (copy_id, period, purpose, caller_leg, agent_leg, method, delete_after)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                copy_id, period, purpose.name, settings.caller_leg, settings.agent_leg, METHOD, delete_after)
-            await connection.execute(
-                "INSERT INTO training_copy_links (recording_id, copy_id) VALUES ($1, $2)", recording_id, copy_id)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
+            created, copy_id, copy_purpose = False, str(existing["copy_id"]), str(existing["purpose"])
+            path = copies_dir / f"{copy_id}.wav"
+        else:
+            group = await _granted_training_group(connection, recording_id, purposes, moment)
+            if group is None:
+                raise NotEligible(f"recording {recording_id}: no granted training-copy decision")
+            if not all(wav_is_closed(p, settings.settle_seconds) for p in (files.caller, files.agent)):
+                raise NotReady(f"recording {recording_id}: caller/agent legs missing or still being written")
+            purpose = purposes[group.purpose]
+            period = coarse_period(today or moment.date())
+            delete_after = _period_start(period).date() + timedelta(days=purpose.retention_days)
+            copy_id, path = await asyncio.to_thread(write_copy, files, copies_dir, period, settings, rng)
+            try:
+                await connection.execute(
+                    "INSERT INTO training_copies (copy_id, period, purpose, caller_leg, agent_leg, method,"
+                    " delete_after) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    copy_id, period, purpose.name, settings.caller_leg, settings.agent_leg, METHOD, delete_after)
+                await connection.execute(
+                    "INSERT INTO training_copy_links (recording_id, copy_id) VALUES ($1, $2)", recording_id, copy_id)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise
+            created, copy_purpose = True, purpose.name
     # Committed: the copy exists.  Now the original.
-    kept = await keeps_original(connection, recording_id, purpose.name)
-    deleted = False
-    if kept is None:
-        deleted = bool(_delete_originals(files))
-    log.info("training.copy_made", original_deleted=deleted, kept_because=kept)
-    return CopyOutcome(copy_id, path, True, deleted, kept)
+    deleted, kept = await _release_original(connection, files, recording_id, copy_purpose, purposes, moment)
+    if created:
+        log.info("training.copy_made", original_deleted=deleted, kept_because=kept)
+    return CopyOutcome(copy_id, path, created, deleted, kept)
 
 
 async def pending_recordings(connection: asyncpg.Connection, recordings_dir: Path,
                              purposes: Mapping[str, Purpose] = DEFAULT_PURPOSES) -> list[str]:
-    """Recording ids with a granted training-copy decision, files on disk and no copy yet."""
+    """Recording ids with a granted (not withdrawn, not erased) training-copy decision, files on
+    disk and no copy yet.  ``consent_decisions`` has one row per (consent_id, purpose)."""
     rows = await connection.fetch(
         """SELECT DISTINCT d.recording_id FROM consent_decisions d
-            WHERE d.recording_id IS NOT NULL AND d.decision = 'granted' AND d.latest_event <> 'withdrawn'
+            WHERE d.recording_id IS NOT NULL AND d.decision = 'granted' AND d.withdrawn_at IS NULL
               AND d.purpose = ANY($1::text[])
               AND NOT EXISTS (SELECT 1 FROM training_copy_links l WHERE l.recording_id = d.recording_id)
+              AND NOT EXISTS (SELECT 1 FROM data_erasures x
+                               WHERE x.scope = 'record' AND x.kind = 'erasure'
+                                 AND x.consent_id = d.consent_id AND x.purpose = d.purpose)
             ORDER BY 1""",
         _training_purposes(purposes))
     return [row["recording_id"] for row in rows
@@ -321,13 +358,14 @@ async def pending_recordings(connection: asyncpg.Connection, recordings_dir: Pat
 
 async def make_pending(connection: asyncpg.Connection, *, recordings_dir: Path, copies_dir: Path,
                        purposes: Mapping[str, Purpose] = DEFAULT_PURPOSES,
-                       settings: TrainingSettings | None = None) -> list[CopyOutcome]:
+                       settings: TrainingSettings | None = None, now: datetime | None = None) -> list[CopyOutcome]:
     """One worker pass: a copy for every pending recording whose legs are complete."""
     outcomes = []
     for recording_id in await pending_recordings(connection, recordings_dir, purposes):
         try:
             outcomes.append(await make_training_copy(connection, recording_id, recordings_dir=recordings_dir,
-                                                     copies_dir=copies_dir, purposes=purposes, settings=settings))
+                                                     copies_dir=copies_dir, purposes=purposes, settings=settings,
+                                                     now=now))
         except (NotReady, NotEligible):
             continue
         except an.AudioFormatError as error:
