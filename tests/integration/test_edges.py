@@ -172,3 +172,32 @@ async def test_withdrawal_without_ami_still_leaves_no_recording(
         gate.extra_env.clear()
         gate.extra_env.update(saved)
         await gate.start()
+
+
+# -- case 10 ----------------------------------------------------------------------------------------
+
+async def test_a_call_in_progress_keeps_its_withdrawal_across_a_service_restart(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
+    test_tag: str,
+) -> None:
+    caller = await dial(phones, asterisk_log, test_tag, "200", "question-training")
+    await caller.send_dtmf("1")
+    result = await asterisk_log.gate_result(test_tag, 20)
+    agent = await phones.agent.wait_incoming(20)
+    await agent.answer()
+    await caller.wait_answered(10)
+    await wait_until(lambda: (asterisk.recordings_dir / f"{result.recording_id}.wav").exists(), 10,
+                     "the recording")
+    await gate.stop(kill=True)  # a crash while the call is recorded
+    await gate.start()
+    await wait_until(lambda: '"ari.call_adopted"' in gate.log_text(), 15, "the call adopted by the new process")
+    await caller.send_dtmf("*0")
+    await wait_for_event(pg_dsn, result.consent_id, "withdrawn")
+    await wait_until(lambda: not recording_set(result.recording_id) & recording_files(asterisk), 5,
+                     "the files deleted")
+    await caller.hangup()
+    await agent.wait_hangup(10)
+    events = await ledger_events(pg_dsn, result.consent_id)
+    assert [e["event"] for e in events] == ["granted", "withdrawn"]
+    await call_ended_in_service(gate, events[0]["call_id"])
+    assert not recording_set(result.recording_id) & recording_files(asterisk)
