@@ -39,6 +39,7 @@ class ConsentGateApp:
     calls: set[Call] = field(default_factory=set)
     _helpers: set[asyncio.Task[None]] = field(default_factory=set)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    cleanup_grace: float = CLEANUP_GRACE
 
     async def run(self) -> None:
         """Consume ARI events until cancelled; on cancel, release every live call (fail closed)."""
@@ -122,8 +123,10 @@ class ConsentGateApp:
 
         async def reap() -> None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(task), CLEANUP_GRACE)
-            if not task.done():
+                await asyncio.wait_for(asyncio.shield(task), self.cleanup_grace)
+            # Decided now, not when the event came: the StasisEnd of a continue arrives while
+            # the call is still handing back, and a watching call lives on until the hangup.
+            if not task.done() and call.state not in (CallState.WATCHING, CallState.ENDED):
                 task.cancel()
 
         self._in_background(reap(), f"reap-{call.channel_id}")
@@ -210,6 +213,11 @@ class ConsentGateApp:
         except AriError as error:
             # Never continued: a channel whose result could still say "granted" stays put.
             log.warning("ari.orphan_release_failed", channel=channel_id, error=str(error))
+
+    async def background_done(self) -> None:
+        """Until the background work started so far (reapers, orphan scans) has finished."""
+        while self._helpers:
+            await asyncio.wait(list(self._helpers))
 
     @property
     def client_app(self) -> str:

@@ -310,6 +310,11 @@ class Call:
                                                        self.gate.settings))
             assert self.watch is not None
             await self.watch.start()
+            # Keys pressed while the decision was stored ("1" then "*0" at once): acted on while
+            # the channel is still in Stasis, so a withdrawal is on the channel before the
+            # dialplan reaches MixMonitor (which then never starts).
+            while not self.queue.empty():
+                await self._handle_watch_event(self.queue.get_nowait())
         await self.client.set_var(self.channel_id, RESULT_VARIABLE, result.packed())
         await self.client.continue_in_dialplan(self.channel_id)
         self.transition(CallState.WATCHING)
@@ -343,14 +348,18 @@ class Call:
         if watch is None:
             return
         while not watch.ended:
-            event = await self.queue.get()
-            try:
-                await watch.handle(event)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001 -- never let one event end the call's rights
-                bound.error("midcall.event_failed", event_type=event.get("type"), error=repr(error))
-                metrics.midcall_error()
+            await self._handle_watch_event(await self.queue.get())
+
+    async def _handle_watch_event(self, event: dict[str, Any]) -> None:
+        assert self.watch is not None
+        try:
+            await self.watch.handle(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 -- never let one event end the call's rights
+            log.error("midcall.event_failed", call_id=self.info.call_id, event_type=event.get("type"),
+                      error=repr(error))
+            metrics.midcall_error()
 
     async def _finish(self, bound: Any) -> None:
         async def finish() -> None:

@@ -86,13 +86,26 @@ class AriRecordingControl:
         self._channel_name = channel_name
         self._blocked = False
 
-    async def block(self) -> None:
+    async def set_channel_var(self, name: str, value: str) -> None:
+        """Set a variable on the caller's channel.  ARI refuses (409) once the channel has left
+        Stasis, so AMI ``Setvar`` does it then.  Raises RecordingControlError."""
         try:
-            await self._client.set_var(self._channel_id, WITHDRAWN_VARIABLE, "1")
+            await self._client.set_var(self._channel_id, name, value)
+            return
         except ChannelGone:
-            pass  # hung up: no dialplan left to start a recorder
+            return  # hung up: no dialplan left to read it
         except (AriError, OSError) as error:
-            raise RecordingControlError(f"could not set {WITHDRAWN_VARIABLE}: {error}") from error
+            if not (isinstance(error, AriError) and error.status == 409) or self._ami is None:
+                raise RecordingControlError(f"could not set {name}: {error}") from error
+        try:
+            await self._ami.action("Setvar", Channel=self._channel_name, Variable=name, Value=value)
+        except AmiError as error:
+            if await self._client.get_channel(self._channel_id) is None:
+                return
+            raise RecordingControlError(f"could not set {name}: {error}") from error
+
+    async def block(self) -> None:
+        await self.set_channel_var(WITHDRAWN_VARIABLE, "1")
         self._blocked = True
 
     async def _recorder_id(self) -> str | None:
@@ -375,8 +388,10 @@ class MidCallWatch:
         }
         if action in values:
             name, value = values[action]
-            with contextlib.suppress(AriError, OSError):
-                await self.client.set_var(self.channel_id, name, value)
+            try:
+                await self.control.set_channel_var(name, value)
+            except RecordingControlError as error:
+                log.warning("midcall.remember_failed", variable=name, error=str(error))
 
     def _start_resume_timer(self, limit: float) -> None:
         self._cancel_resume_timer()

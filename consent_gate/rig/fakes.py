@@ -45,6 +45,7 @@ class FakeAri:
         self.autoping = True  # False: a peer that stopped answering pings
         self.entered = asyncio.Event()  # set when a REST request arrives
         self.gate: asyncio.Event | None = None  # if set, REST replies wait for it
+        self.holds: dict[tuple[str, str], asyncio.Event] = {}  # (method, raw path): that reply waits
         self.on_request: Callable[[dict[str, Any]], None] | None = None
         self._expected_auth = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
@@ -95,6 +96,8 @@ class FakeAri:
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
+        if (request.method, path) in self.holds:
+            await self.holds[(request.method, path)].wait()
         if (request.method, path) in self.responses:
             status, payload = self.responses[(request.method, path)]
         else:
@@ -118,6 +121,9 @@ class FakeAri:
                     return 404, {"message": "Channel not found"}
                 name = query.get("variable", "")
                 if method == "POST":
+                    if (self.channels[channel_id].get("dialplan") or {}).get("app_name") != "Stasis":
+                        # As Asterisk: ARI may set variables only on channels in Stasis.
+                        return 409, {"message": "Channel not in Stasis application"}
                     self.variables[(channel_id, name)] = query.get("value", "")
                     return 204, None
                 if (channel_id, name) in self.variables:
@@ -130,9 +136,12 @@ class FakeAmi:
     """An AMI look-alike: logs in anyone, records actions, answers each action as told
     (``replies``: action name -> "Success" or "Error"; Redirect's default is ``redirect_reply``)."""
 
-    def __init__(self, redirect_reply: str = "Success", replies: dict[str, str] | None = None) -> None:
+    def __init__(self, redirect_reply: str = "Success", replies: dict[str, str] | None = None,
+                 on_action: Callable[[dict[str, str]], None] | None = None) -> None:
         self.redirect_reply = redirect_reply
         self.replies = dict(replies or {})
+        # Called for every action answered with Success (e.g. a Setvar the test applies).
+        self.on_action = on_action
         self.actions: list[dict[str, str]] = []
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -169,7 +178,72 @@ class FakeAmi:
             self.actions.append(message)
             self.action_seen.set()
             reply = self._reply(message.get("Action", ""))
+            if reply == "Success" and self.on_action is not None:
+                self.on_action(message)
             writer.write(f"Response: {reply}\r\nActionID: {message.get('ActionID', '')}\r\n\r\n".encode())
             await writer.drain()
             message = {}
         writer.close()
+
+
+class FlakyTcpProxy:
+    """A TCP proxy on 127.0.0.1 that fails the way a sick dependency does: it refuses a share of
+    new connections (closes them at once) and cuts a share of established ones when the client
+    sends (mid-action).  Deterministic for a given ``rng``.  Used to inject AMI faults."""
+
+    def __init__(self, target_port: int, rng: Any, *, refuse: float = 0.2, cut: float = 0.1) -> None:
+        self.target_port = target_port
+        self.rng = rng
+        self.refuse = refuse
+        self.cut = cut
+        self.port = 0
+        self.refused = 0
+        self.cuts = 0
+        self.forwarded = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.rng.random() < self.refuse:
+            self.refused += 1
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.forwarded += 1
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, from_client: bool) -> None:
+            try:
+                while data := await source.read(65536):
+                    if from_client and self.rng.random() < self.cut:
+                        self.cuts += 1
+                        break
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.close()
+                writer.close()
+                up_writer.close()
+
+        for task in (asyncio.create_task(pump(reader, up_writer, True)),
+                     asyncio.create_task(pump(up_reader, writer, False))):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)

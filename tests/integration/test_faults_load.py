@@ -33,6 +33,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -41,6 +42,7 @@ import asyncpg
 import pytest
 
 from consent_gate.dialog import RESULT_SEPARATOR, RESULT_VARIABLE
+from consent_gate.rig.fakes import FlakyTcpProxy
 from consent_gate.rig.harness import AsteriskLog, GateService
 from consent_gate.rig.sandbox import AsteriskSandbox
 
@@ -195,8 +197,9 @@ def random_call(rng: random.Random, tag: str) -> LocalCall:
     """A caller who keys (or not) at a random moment and hangs up at a random moment."""
     kind = rng.choices(
         ["grant", "decline", "invalid-then-grant", "reciprocal-then-grant", "grant-then-withdraw",
-         "hangup-in-prompt", "hangup-at-answer", "flood-no-consent", "grant-then-hangup-at-once"],
-        weights=[25, 12, 8, 6, 14, 12, 6, 5, 12])[0]
+         "hangup-in-prompt", "hangup-at-answer", "flood-no-consent", "grant-then-hangup-at-once",
+         "grant-then-withdraw-at-once", "grant-then-codes"],
+        weights=[20, 10, 6, 5, 12, 10, 5, 4, 10, 12, 6])[0]
     call = LocalCall(tag=tag, kind=kind, delay=round(rng.uniform(0.2, 3.0), 2), hold=round(rng.uniform(0.2, 5.0), 2))
     match kind:
         case "grant":
@@ -220,6 +223,15 @@ def random_call(rng: random.Random, tag: str) -> LocalCall:
             call.gap_ms = 40
         case "grant-then-hangup-at-once":
             call.keys, call.hold = "1", round(rng.uniform(0.0, 0.3), 2)
+        case "grant-then-withdraw-at-once":
+            # *0 right after the consent key: while the grant is stored, or MixMonitor starts.
+            call.keys, call.delay2, call.keys2 = "1", round(rng.uniform(0.0, 0.6), 2), "*0"
+            call.hold = round(rng.uniform(0.5, 3.0), 2)
+        case "grant-then-codes":
+            # Other mid-call codes first ("I record too", a pause the caller may not make), then *0.
+            call.keys, call.delay2 = "1", round(rng.uniform(0.0, 6.0), 2)
+            call.keys2 = rng.choice(["*3*0", "*5*0", "*6*3*0"])
+            call.hold = round(rng.uniform(0.5, 3.0), 2)
     return call
 
 
@@ -881,15 +893,39 @@ async def inserts_waiting(connection: asyncpg.Connection) -> bool:
 
 # -- randomised callers ------------------------------------------------------------------------
 
+@contextlib.asynccontextmanager
+async def flaky_ami(gate: GateService, asterisk: AsteriskSandbox, seed: int,
+                    refuse: float = 0.2, cut: float = 0.1) -> AsyncIterator[FlakyTcpProxy]:
+    """The service's AMI through a proxy that refuses and cuts connections at random (seeded)."""
+    proxy = FlakyTcpProxy(int(asterisk.env()["CONSENT_GATE_AMI_PORT"]), random.Random(seed), refuse=refuse, cut=cut)
+    await proxy.start()
+    saved = dict(gate.extra_env)
+    await gate.stop()
+    gate.extra_env["CONSENT_GATE_AMI_PORT"] = str(proxy.port)
+    try:
+        await gate.start()
+        yield proxy
+    finally:
+        await gate.stop()
+        gate.extra_env.clear()
+        gate.extra_env.update(saved)
+        await proxy.stop()
+        await gate.start()
+
+
 async def test_randomised_callers_recording_exists_iff_granted_and_not_withdrawn(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, gate: GateService, pg_dsn: str,
 ) -> None:
     seed = int(os.environ.get("CONSENT_GATE_RANDOM_SEED", str(random.SystemRandom().randrange(1 << 30))))
     print(f"\nrandomised callers: seed {seed} (CONSENT_GATE_RANDOM_SEED={seed} repeats this run)")
-    report = await random_run(asterisk, pg_dsn, asterisk_log, calls=100, concurrency=15, seed=seed,
-                              tag_prefix=f"rnd{uuid.uuid4().hex[:6]}")
+    async with flaky_ami(gate, asterisk, seed) as proxy:
+        report = await random_run(asterisk, pg_dsn, asterisk_log, calls=100, concurrency=15, seed=seed,
+                                  tag_prefix=f"rnd{uuid.uuid4().hex[:6]}")
+        assert_alive(gate)
     print(f"outcomes {dict(report.outcomes)}; granted but hung up before MixMonitor: "
-          f"{report.granted_hung_up_before_recording}; *0 keyed but not withdrawn: {report.withdrawal_ignored}")
+          f"{report.granted_hung_up_before_recording}; *0 keyed but not withdrawn: {report.withdrawal_ignored}; "
+          f"AMI faults: {proxy.refused} refused, {proxy.cuts} cut, {proxy.forwarded} forwarded")
+    assert proxy.refused + proxy.cuts > 0, "the run injected no AMI fault"
     assert not report.violations, f"seed {seed}: " + "\n".join(report.violations[:20])
     assert sum(report.outcomes[k] for k in DECISIONS) == 100
     assert report.outcomes["granted"] > 0 and report.outcomes["abandoned"] > 0

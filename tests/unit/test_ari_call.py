@@ -190,6 +190,15 @@ async def rig(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[R
     ari.responses[("GET", "/ari/bridges")] = (200, [{"id": "b1", "channels": ["c1", "a1"]}])
     settings = make_settings(tmp_path)
     ledger = SlowLedger()
+
+    def setvar(action: dict[str, str]) -> None:
+        # AMI Setvar works on any channel (ARI only on channels in Stasis).
+        if action.get("Action") == "Setvar":
+            for channel_id, snapshot in ari.channels.items():
+                if snapshot.get("name") == action.get("Channel"):
+                    ari.variables[(channel_id, action["Variable"])] = action["Value"]
+
+    ami_server.on_action = setvar
     ami_port = closed_port() if marker else ami_server.port
     ami = AmiClient(AmiConfig("127.0.0.1", ami_port, "cg", "secret", timeout=1.0))
     async with AriClient(AriConfig(base_url=f"http://127.0.0.1:{ari.port}", username=USER, password=PASSWORD,
@@ -237,8 +246,10 @@ async def test_withdrawal_with_ami_down_still_deletes_blocks_and_logs(rig: Rig) 
     await rig.keys("*0")
     await eventually(lambda: withdrawn_events(rig) != [], "the withdrawn event")
     assert rig.recording_files(recording_id) == []
-    assert rig.var(WITHDRAWN_VARIABLE) == "1"
+    # Out of Stasis only AMI can mark the channel: noted, and the files are gone all the same.
+    assert rig.var(WITHDRAWN_VARIABLE) is None
     assert withdrawn_events(rig)[0].detail["recorder_stopped"] is False
+    assert withdrawn_events(rig)[0].detail["blocked"] is False
     # A second *0 is not ignored: it tries again, and logs no second decision.
     stop_tries = len([r for r in rig.ari.calls("GET", "/variable") if MIXMONITOR_ID_VARIABLE in str(r["query"])])
     await rig.keys("*0")
@@ -274,7 +285,8 @@ async def test_star0_keyed_while_the_grant_is_stored_blocks_the_recorder(rig: Ri
     await eventually(lambda: withdrawn_events(rig) != [], "the withdrawn event")
     order = [(r["raw_path"].rsplit("/", 1)[-1], r["query"].get("variable")) for r in rig.ari.requests
              if r["method"] == "POST" and r["raw_path"].endswith(("/variable", "/continue"))]
-    assert order[:3] == [("variable", RESULT_VARIABLE), ("continue", None), ("variable", WITHDRAWN_VARIABLE)]
+    # Marked withdrawn while still in Stasis, before the result goes back and the dialplan runs.
+    assert order[:3] == [("variable", WITHDRAWN_VARIABLE), ("variable", RESULT_VARIABLE), ("continue", None)]
     assert rig.var(WITHDRAWN_VARIABLE) == "1"
     # MixMonitor never ran (no recorder id): nothing to stop over AMI, and nothing is left running.
     assert rig.ami.named("StopMixMonitor") == []
@@ -404,3 +416,24 @@ async def test_withdrawal_keeps_a_recording_the_law_requires(rig: Rig, purposes:
     await rig.keys("*5", channel="a1")
     await eventually(lambda: EventKind.PAUSED in [e.event for e in rig.ledger.events], "the pause")
     assert rig.ami.named("MixMonitorMute")[0]["State"] == "1"
+
+
+async def test_the_stasis_end_of_the_hand_back_does_not_end_the_watch(rig: Rig) -> None:
+    """StasisEnd for the continue may come while the call is still handing back: the call lives
+    on past the cleanup grace period, and its codes work (found by the randomised callers)."""
+    rig.app.cleanup_grace = 0.05
+    await rig.start_call()
+    await eventually(lambda: len(rig.plays()) == 1)
+    held = rig.ari.holds[("POST", "/ari/channels/c1/continue")] = asyncio.Event()
+    await rig.keys("1")
+    await eventually(lambda: rig.ari.calls("POST", "/continue") != [], "the continue")
+    await rig.send("StasisEnd")  # Asterisk's answer to the continue, before its HTTP response
+    held.set()
+    await eventually(lambda: rig.call_state() is CallState.WATCHING)
+    rig.left_stasis()
+    await asyncio.wait_for(rig.app.background_done(), T)  # the reaper has decided
+    recording_id = rig.var(RESULT_VARIABLE).split(":")[1]  # type: ignore[union-attr]
+    rig.mixmonitor_started(recording_id)
+    await rig.keys("*0")
+    await eventually(lambda: withdrawn_events(rig) != [])
+    assert rig.recording_files(recording_id) == []
