@@ -33,10 +33,11 @@ import stat
 import sys
 import uuid
 import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, Sequence
+from typing import IO, Any
 
 import asyncpg
 import structlog
@@ -47,9 +48,9 @@ from .retention import (
     KEYS_BY_RECORDINGS,
     RECORDING_DELETED,
     Group,
+    _actor,
     add_common_arguments,
     check_recording_id,
-    delete_recording_files,
     fetch_groups,
     load_cli_settings,
     lock_group,
@@ -57,9 +58,9 @@ from .retention import (
     read_caller_number,
     recording_files,
     redact_group,
+    remove_files,
     share_hold_lock,
     write_erasure,
-    _actor,
 )
 
 log = structlog.get_logger(__name__)
@@ -302,6 +303,9 @@ class ErasureResult:
     recordings_kept: list[dict[str, Any]] = field(default_factory=list)
     training_copies_erased: int = 0
     training_copies_left: int = 0  # linked copies not erased because no copies directory was given
+    # Files the erasure decided to delete but could not (name and error): the request is
+    # "partial"; erasing again, or the next retention sweep, retries the recordings.
+    files_not_deleted: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -321,6 +325,10 @@ async def erase(
     now = clock()
     request_id = uuid.uuid4()
     result = ErasureResult(request_id=str(request_id))
+    # Files are deleted only after the transaction that records their deletion has committed:
+    # a failed commit must leave them in place (and no tombstone), never the other way round.
+    deletions: list[tuple[str, list[Path]]] = []
+    copy_files: list[Path] = []
     async with connection.transaction():
         await share_hold_lock(connection)
         groups = await find_scope(connection, hmac_key, query)
@@ -362,6 +370,10 @@ async def erase(
         claims = await fetch_groups(connection, KEYS_BY_RECORDINGS, recording_ids) if recording_ids else []
         for recording_id in recording_ids:
             if await connection.fetchval(RECORDING_DELETED, recording_id):
+                # Decided earlier; files still there are what an earlier unlink left: retry it.
+                leftovers = recording_files(Path(recordings_dir), recording_id)
+                if leftovers:
+                    deletions.append((recording_id, leftovers))
                 continue
             mine = [g for g in claims if recording_id in g.recording_ids]
             live = [g for g in mine if not g.claim_ended(purposes, now)]
@@ -376,18 +388,17 @@ async def erase(
             await write_erasure(connection, kind="erasure", scope="recording", recording_id=recording_id,
                                 files=[p.name for p in paths], reason=reason, actor=actor, at=now,
                                 request_id=request_id, request_ref=request_ref)
-            removed = await asyncio.to_thread(delete_recording_files, paths)
-            result.recordings_deleted.append({"recording_id": recording_id, "files": removed})
+            deletions.append((recording_id, paths))
 
         # Training copies made from a recording of an erased decision (still personal data while linked).
         erased_keys = {(e["consent_id"], e["purpose"]) for e in result.erased}
         copy_sources = sorted({r for g in groups if (str(g.consent_id), g.purpose) in erased_keys
                                for r in g.recording_ids})
         if copies_dir is not None and copy_sources:
-            from .training import erase_training_copy
-
             for recording_id in copy_sources:
-                if await erase_training_copy(connection, recording_id, Path(copies_dir)) is not None:
+                copy_id = await _forget_training_copy(connection, recording_id)
+                if copy_id is not None:
+                    copy_files.append(Path(copies_dir) / f"{copy_id}.wav")
                     result.training_copies_erased += 1
         elif copy_sources:
             # Without the directory the copies cannot be deleted: say so rather than claim "erased".
@@ -396,12 +407,36 @@ async def erase(
             if result.training_copies_left:
                 log.warning("subject.training_copies_left", copies=result.training_copies_left,
                             hint="set CONSENT_GATE_TRAINING_DIR or --copies-dir and erase again")
+    for recording_id, paths in deletions:
+        outcome = await asyncio.to_thread(remove_files, paths)
+        result.recordings_deleted.append({"recording_id": recording_id, "files": outcome.removed})
+        if outcome.failed:
+            result.files_not_deleted.append({"recording_id": recording_id, "files": outcome.failed})
+    if copy_files:
+        outcome = await asyncio.to_thread(remove_files, copy_files)
+        if outcome.failed:
+            result.files_not_deleted.append({"training_copies": outcome.failed})
+    if result.files_not_deleted:
+        log.error("subject.files_not_deleted", files=result.files_not_deleted, request_id=str(request_id),
+                  hint="fix the cause; erasing again (or the next retention sweep) deletes recordings left over")
     result.status = ("refused" if not result.erased
-                     else "partial" if result.refused or result.training_copies_left else "erased")
+                     else "partial" if result.refused or result.training_copies_left or result.files_not_deleted
+                     else "erased")
     log.info("subject.erased", status=result.status, erased=len(result.erased), refused=len(result.refused),
              recordings_deleted=[r["recording_id"] for r in result.recordings_deleted],
              request_id=str(request_id), request_ref=request_ref, actor=actor)
     return result
+
+
+async def _forget_training_copy(connection: asyncpg.Connection, recording_id: str) -> str | None:
+    """Remove the index row and link of the copy made from a recording (its file is deleted by
+    the caller once this commits); returns the copy id, or None when there is none."""
+    copy_id = await connection.fetchval(
+        "DELETE FROM training_copy_links WHERE recording_id = $1 RETURNING copy_id", recording_id)
+    if copy_id is None:
+        return None
+    await connection.execute("DELETE FROM training_copies WHERE copy_id = $1", copy_id)
+    return check_recording_id(str(copy_id))  # the same 32-hex shape: safe in a path
 
 
 # -- command line -----------------------------------------------------------------------------
