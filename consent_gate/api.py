@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import re
 import signal
 import sys
 import tempfile
@@ -90,12 +91,16 @@ class _BadRequest(Exception):
     pass
 
 
+# NUL cannot be stored in PostgreSQL text, and no field has a use for line breaks or escapes.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise _BadRequest("send application/json")
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting exhausts json's recursion: still just bad input
         raise _BadRequest("not valid JSON") from None
     if not isinstance(body, dict):
         raise _BadRequest("expected a JSON object")
@@ -105,6 +110,8 @@ async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     for key, value in body.items():
         if not isinstance(value, str):
             raise _BadRequest(f"{key}: expected a string")
+        if key != "consent_id" and _CONTROL.search(value):  # a bad reference is a 404 (_query)
+            raise _BadRequest(f"{key}: control characters are not allowed")
     return body
 
 

@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
 import uuid
@@ -79,6 +80,9 @@ EXPORT_COLUMNS = (
 )
 
 
+_CONSENT_REFERENCE = re.compile(r"^[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\Z")
+
+
 class SubjectNotFound(LookupError):
     """No personal data matches the request (the same answer whatever the reason)."""
 
@@ -92,10 +96,11 @@ class SubjectQuery:
         if (self.caller_number is None) == (self.consent_id is None):
             raise ValueError("give a caller number or a consent reference, not both")
         if self.consent_id is not None:
-            try:
-                uuid.UUID(self.consent_id)
-            except (ValueError, AttributeError, TypeError):
-                raise ValueError("a consent reference is a UUID") from None
+            # Only the form the caller was given (8-4-4-4-12 hex): uuid.UUID() also takes braces,
+            # a urn:uuid: prefix and more, which PostgreSQL refuses; stored lower-case.
+            if not isinstance(self.consent_id, str) or not _CONSENT_REFERENCE.match(self.consent_id):
+                raise ValueError("a consent reference is a UUID (8-4-4-4-12 hex digits)")
+            object.__setattr__(self, "consent_id", self.consent_id.lower())
         if self.caller_number is not None and (not isinstance(self.caller_number, str)
                                                or len(self.caller_number) > 64):
             raise ValueError("a caller number has at most 64 characters")
