@@ -214,23 +214,41 @@ async def collect_records(
     }
 
 
-def _open_recording(path: Path) -> int | None:
-    """Open a recording for reading without following links; None unless a regular file."""
+def _open_recording(path: Path) -> int | str:
+    """Open a recording for reading: a file descriptor, or why it was skipped.
+
+    Only a regular file is read.  A FIFO would block open() until some writer came (an export
+    that never ends), a device or a symlink could read something that is not a recording; so
+    the type is checked before opening (lstat), the open neither follows links nor blocks, and
+    fstat makes sure it is the same regular file that was checked.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except (FileNotFoundError, OSError):
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        before = os.lstat(path)
+    except FileNotFoundError:
+        return "gone"
+    if not stat.S_ISREG(before.st_mode):
+        return "not a regular file"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "gone"
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    after = os.fstat(fd)
+    if not stat.S_ISREG(after.st_mode) or (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
         os.close(fd)
-        return None
+        return "replaced while being opened"
+    os.set_blocking(fd, True)
     return fd
 
 
-def _add_file(archive: zipfile.ZipFile, path: Path, name: str) -> dict[str, Any] | None:
-    """Copy one regular file into the archive; its size and sha256, or None if it is not there."""
+def _add_file(archive: zipfile.ZipFile, path: Path, name: str) -> dict[str, Any]:
+    """Copy one regular file into the archive: its size and sha256, or ``skipped`` and why."""
     fd = _open_recording(path)
-    if fd is None:
-        return None
+    if isinstance(fd, str):
+        if fd != "gone":
+            log.warning("subject.export_file_skipped", file=path.name, reason=fd)
+        return {"name": path.name, "skipped": fd}
     digest = hashlib.sha256()
     size = 0
     with os.fdopen(fd, "rb") as source, archive.open(name, "w") as target:
@@ -250,23 +268,31 @@ def write_archive(records: dict[str, Any], recordings_dir: Path, out: IO[bytes],
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for recording_id in records["recording_ids"]:
             check_recording_id(recording_id)
-            present = []
+            present, skipped = [], []
             for path in recording_files(Path(recordings_dir), recording_id):
                 added = _add_file(archive, path, f"recordings/{path.name}")
-                if added is not None:
-                    present.append(added)
-                    names.append(path.name)
-            files_meta.append({"recording_id": recording_id, "files": present, "available": bool(present)})
+                if "skipped" in added:
+                    if added["skipped"] != "gone":
+                        skipped.append(added)
+                    continue
+                present.append(added)
+                names.append(path.name)
+            entry: dict[str, Any] = {"recording_id": recording_id, "files": present, "available": bool(present)}
+            if skipped:
+                entry["skipped"] = skipped
+            files_meta.append(entry)
         copies_meta = []
         for copy in records.get("training_copies", []):
             copy_id = str(copy["copy_id"])
             check_recording_id(copy_id)  # the same 32-hex shape: nothing else reaches a path
-            added = None
+            copy_file: dict[str, Any] | None = None
             if copies_dir is not None:
-                added = _add_file(archive, Path(copies_dir) / f"{copy_id}.wav", f"training-copies/{copy_id}.wav")
-            if added is not None:
+                copy_file = _add_file(archive, Path(copies_dir) / f"{copy_id}.wav", f"training-copies/{copy_id}.wav")
+                if "skipped" in copy_file:
+                    copy_file = None
+            if copy_file is not None:
                 names.append(f"{copy_id}.wav")
-            copies_meta.append({**copy, "file": added, "available": added is not None})
+            copies_meta.append({**copy, "file": copy_file, "available": copy_file is not None})
         document = {**{k: v for k, v in records.items() if k not in ("recording_ids", "training_copies")},
                     "recordings": files_meta, "training_copies": copies_meta}
         archive.writestr("consent-records.json", json.dumps(document, indent=2, ensure_ascii=False) + "\n")

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import uuid
 import zipfile
 from datetime import timedelta
@@ -387,3 +388,37 @@ def test_cli_export_and_erase(db: str, recdir: Path, tmp_path: Path, monkeypatch
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "erased" and not path.exists()
     assert run("subject", "erase", "--caller-number", NUMBER) == 2
+
+
+# -- export: only regular files are read ------------------------------------------------------
+
+async def test_export_skips_a_fifo_and_a_symlink_instead_of_hanging(
+    conn: asyncpg.Connection, recdir: Path, tmp_path: Path,
+) -> None:
+    d = await add_decision(conn, at=T0, number=NUMBER)
+    [mix] = write_recording(recdir, d.recording_id)
+    fifo = recdir / f"{d.recording_id}-caller.wav"
+    os.mkfifo(fifo, 0o600)  # opening it for reading blocks until a writer comes
+    secret = tmp_path / "not-a-recording"
+    secret.write_bytes(b"secret")
+    (recdir / f"{d.recording_id}-agent.wav").symlink_to(secret)
+    records = await subject.collect_records(conn, HMAC_KEY, SubjectQuery(caller_number=NUMBER), PURPOSES,
+                                            now=T0 + DAY)
+    out = io.BytesIO()
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(subject.write_archive(records, recdir, out)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    if worker.is_alive():  # release the blocked open() so the test fails instead of hanging
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=20)
+        pytest.fail("the export blocked on a FIFO in the recordings directory")
+    [summary] = outcome
+    assert summary.files == [mix.name]
+    archive = zipfile.ZipFile(io.BytesIO(out.getvalue()))
+    assert [n for n in archive.namelist() if n.startswith("recordings/")] == [f"recordings/{mix.name}"]
+    [listed] = records_of(archive)["recordings"]
+    assert sorted(s["name"] for s in listed["skipped"]) == sorted([fifo.name, f"{d.recording_id}-agent.wav"])
+    assert {s["skipped"] for s in listed["skipped"]} == {"not a regular file"}
+    assert b"secret" not in out.getvalue()
