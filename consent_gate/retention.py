@@ -174,7 +174,10 @@ class Group:
         purpose = purposes.get(self.purpose)
         if purpose is None:
             return None
-        return self.started + timedelta(days=purpose.retention_days)
+        try:
+            return self.started + timedelta(days=purpose.retention_days)
+        except OverflowError:  # beyond year 9999 (the settings loader refuses this): never ends
+            return None
 
     def expired(self, purposes: Mapping[str, Purpose], now: datetime) -> bool:
         """The retention period of this group ended (unknown purpose: never, and reported)."""

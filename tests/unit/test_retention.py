@@ -663,3 +663,34 @@ async def test_files_left_after_a_committed_tombstone_are_deleted_by_the_next_sw
     assert report.leftovers_deleted == [{"recording_id": d.recording_id, "files": [stuck.name]}]
     assert report.files_not_deleted == [] and not stuck.exists()
     assert all(p.exists() for p in unrelated)
+
+
+# -- retention_days bounds ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("days", [3_000_000, 10**9, 10**12])
+async def test_a_retention_beyond_the_calendar_keeps_the_data_and_does_not_crash_the_sweep(
+    db: str, conn: asyncpg.Connection, recdir: Path, days: int,
+) -> None:
+    """A catalogue built in code (not through the settings loader) can still hold such a value."""
+    purposes = {**PURPOSES, "training": Purpose("training", "consent", "question-training", days)}
+    kept = await add_decision(conn, at=T0, purpose="training")
+    [kept_file] = write_recording(recdir, kept.recording_id)
+    due = await add_decision(conn, at=T0, purpose="documentation")
+    [due_file] = write_recording(recdir, due.recording_id)
+    report = await RetentionSweeper(db, recdir, purposes, clock=Clock(T0 + 400 * DAY)).run()
+    assert [r["recording_id"] for r in report.recordings_deleted] == [due.recording_id]
+    assert kept_file.exists() and not due_file.exists()
+
+
+@pytest.mark.parametrize("days, ok", [(1, True), (36500, True), (0, False), (36501, False), (10**12, False)])
+def test_retention_days_is_bounded_when_the_settings_load(tmp_path: Path, days: int, ok: bool) -> None:
+    from consent_gate.config import ConfigError, load_settings
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[purposes.archive]\nlegal_basis = "consent"\nretention_days = {days}\n')
+    if ok:
+        settings = load_settings(config, env={"CONSENT_GATE_HMAC_KEY": "k" * 32}, require_ari=False)
+        assert settings.purposes["archive"].retention_days == days
+        return
+    with pytest.raises(ConfigError, match=rf"purposes\.archive\.retention_days: {days} is outside 1\.\.36500 days"):
+        load_settings(config, env={"CONSENT_GATE_HMAC_KEY": "k" * 32}, require_ari=False)
