@@ -143,14 +143,27 @@ def delete_recording_files(paths: Iterable[Path]) -> list[str]:
     return outcome.removed
 
 
+def recordings_dir_problem(directory: Path) -> str | None:
+    """Why the recordings directory is not private, or None.  Private: nothing for others, and
+    group bits only for the tools' own group (README "Production install": the sweeper and the
+    API run as consent-gate-admin, the directory is asterisk:consent-gate-admin 2770)."""
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o007:
+        return f"mode {mode:04o} gives others access"
+    if mode & 0o070 and info.st_gid != os.getegid():
+        return f"mode {mode:04o} gives group {info.st_gid} access, which is not this process's group"
+    return None
+
+
 def check_recordings_dir(directory: Path) -> None:
     """Warn (never fail) when the recordings directory is readable by others."""
-    try:
-        mode = stat.S_IMODE(os.stat(directory).st_mode)
-    except FileNotFoundError:
-        return
-    if mode & 0o077:
-        log.warning("retention.recordings_dir_not_private", dir=str(directory), mode=oct(mode))
+    problem = recordings_dir_problem(directory)
+    if problem is not None:
+        log.warning("retention.recordings_dir_not_private", dir=str(directory), problem=problem)
 
 
 # -- decision groups --------------------------------------------------------------------------

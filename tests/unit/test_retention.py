@@ -694,3 +694,15 @@ def test_retention_days_is_bounded_when_the_settings_load(tmp_path: Path, days: 
         return
     with pytest.raises(ConfigError, match=rf"purposes\.archive\.retention_days: {days} is outside 1\.\.36500 days"):
         load_settings(config, env={"CONSENT_GATE_HMAC_KEY": "k" * 32}, require_ari=False)
+
+
+def test_the_recordings_directory_may_be_shared_with_the_tools_group_only(tmp_path: Path) -> None:
+    directory = tmp_path / "recordings"
+    directory.mkdir()
+    for mode, private in ((0o700, True), (0o2770, True), (0o750, True), (0o755, False), (0o2777, False)):
+        directory.chmod(mode)
+        assert (retention.recordings_dir_problem(directory) is None) == private, oct(mode)
+    other_group = next(g for g in range(1, 65534) if g != os.getegid())
+    os.chown(directory, -1, other_group)  # root in the tests; the group is not the tools' group
+    directory.chmod(0o2770)
+    assert "not this process's group" in (retention.recordings_dir_problem(directory) or "")

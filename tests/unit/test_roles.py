@@ -3,6 +3,8 @@ role can do retention and subject requests, and neither can switch the append-on
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -157,3 +159,15 @@ async def test_a_temporary_consent_events_cannot_absorb_a_redaction(
     assert await tools.fetchval("SELECT consent_redact($1, now())", erasure_id) == 1
     assert await tools.fetchval("SELECT caller_ref FROM public.consent_events WHERE consent_id = $1",
                                 d.consent_id) is None
+
+
+def test_roles_sql_runs_through_psql_as_documented(pg_sandbox: PgSandbox, db: str) -> None:
+    """The file's own instructions: psql -v ON_ERROR_STOP=1 -f sql/roles/roles.sql (twice)."""
+    psql = shutil.which("psql")
+    assert psql, "psql is not installed"
+    for _ in range(2):
+        done = subprocess.run(
+            [psql, "-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(pg_sandbox.port), "-U", "postgres",
+             "-d", db.rsplit("/", 1)[1], "-f", str(ROLES_SQL)],
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
