@@ -347,7 +347,8 @@ async def erase(
     query: SubjectQuery, *, reason: str, actor: str, request_ref: str | None = None,
     clock: Callable[[], datetime] = utcnow, copies_dir: Path | None = None,
 ) -> ErasureResult:
-    """Erase what may be erased, refuse (and log) what may not; one transaction.
+    """Erase what may be erased, refuse (and log) what may not; one transaction, and the files
+    only once it has committed (``files_not_deleted`` lists any that could not be: "partial").
 
     ``copies_dir``: where training copies live (consent_gate.training); the de-identified copy
     made from a recording of an erased decision goes too, with its link.
