@@ -219,6 +219,16 @@ async def test_control_characters_in_a_field_are_400(
     assert file.exists() and await conn.fetchval("SELECT count(*) FROM data_erasures") == 0
 
 
+@pytest.mark.parametrize("path", [
+    "/v1/subject/{uuid}", "/v1/subject/%7B" + "0" * 8 + "-0000-0000-0000-" + "0" * 12 + "%7D",
+    "/v1/subject/export/extra", "/v1/subject/%00", "/v1/subject/%ff%fe", "/v1/" + "a" * 4000,
+])
+async def test_unknown_or_malformed_paths_are_404(client: TestClient, path: str) -> None:
+    response = await client.post(path, json={"consent_id": str(uuid.uuid4())}, headers=auth())
+    assert response.status == 404, await response.text()
+    assert await response.json() == {"error": "not found"}
+
+
 # -- export and erase ----------------------------------------------------------------------------
 
 async def test_export_by_number_returns_the_archive(client: TestClient, conn: asyncpg.Connection,
