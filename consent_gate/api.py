@@ -82,7 +82,7 @@ async def _auth(request: web.Request, handler: Callable[[web.Request], Awaitable
         if error.status in (404, 405):
             return _error(error.status, "not found" if error.status == 404 else "method not allowed")
         raise
-    except Exception as error:  # never a traceback (or a caller number) in a response
+    except Exception as error:  # noqa: BLE001  -- never a traceback (or a caller number) in a response
         log.error("api.internal_error", path=request.path, error=type(error).__name__)
         return _error(500, "internal error")
 
@@ -106,7 +106,7 @@ async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
         raise _BadRequest("expected a JSON object")
     unknown = set(body) - allowed
     if unknown:
-        raise _BadRequest(f"unknown field: {sorted(unknown)[0]}")
+        raise _BadRequest(f"unknown field: {min(unknown)}")
     for key, value in body.items():
         if not isinstance(value, str):
             raise _BadRequest(f"{key}: expected a string")
