@@ -21,13 +21,14 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import re
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import asyncpg
 import structlog
@@ -81,7 +82,7 @@ async def _auth(request: web.Request, handler: Callable[[web.Request], Awaitable
         if error.status in (404, 405):
             return _error(error.status, "not found" if error.status == 404 else "method not allowed")
         raise
-    except Exception as error:  # never a traceback (or a caller number) in a response
+    except Exception as error:  # noqa: BLE001  -- never a traceback (or a caller number) in a response
         log.error("api.internal_error", path=request.path, error=type(error).__name__)
         return _error(500, "internal error")
 
@@ -90,21 +91,27 @@ class _BadRequest(Exception):
     pass
 
 
+# NUL cannot be stored in PostgreSQL text, and no field has a use for line breaks or escapes.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise _BadRequest("send application/json")
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting exhausts json's recursion: still just bad input
         raise _BadRequest("not valid JSON") from None
     if not isinstance(body, dict):
         raise _BadRequest("expected a JSON object")
     unknown = set(body) - allowed
     if unknown:
-        raise _BadRequest(f"unknown field: {sorted(unknown)[0]}")
+        raise _BadRequest(f"unknown field: {min(unknown)}")
     for key, value in body.items():
         if not isinstance(value, str):
             raise _BadRequest(f"{key}: expected a string")
+        if key != "consent_id" and _CONTROL.search(value):  # a bad reference is a 404 (_query)
+            raise _BadRequest(f"{key}: control characters are not allowed")
     return body
 
 

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 LEGAL_BASES = ("consent", "legitimate-interest", "legal-obligation")
 DTMF_KEYS = "0123456789*#"
+# 100 years: longer than any legal retention duty, and far from datetime's limits (year 9999).
+MAX_RETENTION_DAYS = 36500
 _PURPOSE_NAME = re.compile(r"^[a-z0-9-]{1,40}$")
 _PROMPT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
@@ -209,8 +211,8 @@ def _parse_purposes(table: Mapping[str, Any], where: str) -> dict[str, Purpose]:
         if not _PROMPT_NAME.match(prompt):
             raise ConfigError(f"{here}.prompt: {prompt!r} is not a prompt name")
         retention = _get(body, "retention_days", int, here, 1825 if basis == "legal-obligation" else 90)
-        if retention < 1:
-            raise ConfigError(f"{here}.retention_days: must be at least 1")
+        if not 1 <= retention <= MAX_RETENTION_DAYS:
+            raise ConfigError(f"{here}.retention_days: {retention} is outside 1..{MAX_RETENTION_DAYS} days")
         purposes[name] = Purpose(name, basis, prompt, retention, _get(body, "training_copy", bool, here, False))
     if not purposes:
         raise ConfigError(f"{where}: at least one purpose is needed")

@@ -37,10 +37,11 @@ import stat
 import sys
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import asyncpg
 import structlog
@@ -59,6 +60,8 @@ RECORDING_ID = re.compile(r"^[0-9a-f]{32}\Z")
 # What MixMonitor writes for one id (dialplan/consent-gate.conf): the mix, and for purposes with
 # training copies the caller and agent legs.
 RECORDING_FILE_SUFFIXES = (".wav", "-caller.wav", "-agent.wav")
+_RECORDING_FILE = re.compile(
+    r"^([0-9a-f]{32})(?:" + "|".join(re.escape(suffix) for suffix in RECORDING_FILE_SUFFIXES) + r")\Z")
 _CALLER_REF = re.compile(r"^[0-9a-f]{64}\Z")
 
 
@@ -98,34 +101,71 @@ def recording_files(directory: Path, recording_id: str) -> list[Path]:
     return sorted(found)
 
 
-def delete_recording_files(paths: Iterable[Path]) -> list[str]:
-    """Unlink (never follow) the given files; returns the names that were removed."""
-    removed = []
+@dataclass
+class FileDeletion:
+    """What an unlink pass did: the names removed, and those that could not be (with why)."""
+
+    removed: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+
+def remove_files(paths: Iterable[Path]) -> FileDeletion:
+    """Unlink (never follow) the given files, going on past a failure; fsync their directories
+    so a removal reported is a removal that survives a crash."""
+    outcome = FileDeletion()
     directories = set()
     for path in paths:
         try:
             path.unlink()
         except FileNotFoundError:
             continue
-        removed.append(path.name)
+        except OSError as error:
+            outcome.failed.append({"name": path.name, "error": error.strerror or type(error).__name__})
+            continue
+        outcome.removed.append(path.name)
         directories.add(path.parent)
-    for directory in directories:  # make the unlinks durable before the tombstone commits
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    for directory in directories:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return removed
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as error:
+            log.error("retention.fsync_failed", dir=str(directory), error=error.strerror)
+    return outcome
+
+
+def delete_recording_files(paths: Iterable[Path]) -> list[str]:
+    """Unlink (never follow) the given files; returns the names that were removed.  Raises the
+    first error after trying them all."""
+    outcome = remove_files(paths)
+    if outcome.failed:
+        raise OSError(f"could not delete {outcome.failed[0]['name']}: {outcome.failed[0]['error']}")
+    return outcome.removed
+
+
+def recordings_dir_problem(directory: Path) -> str | None:
+    """Why the recordings directory is not private, or None.  Private: nothing for others, and
+    group bits only for the tools' own group (README "Production install": the sweeper and the
+    API run as consent-gate-admin, the directory is asterisk:consent-gate-admin 2770)."""
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o007:
+        return f"mode {mode:04o} gives others access"
+    if mode & 0o070 and info.st_gid != os.getegid():
+        return f"mode {mode:04o} gives group {info.st_gid} access, which is not this process's group"
+    return None
 
 
 def check_recordings_dir(directory: Path) -> None:
     """Warn (never fail) when the recordings directory is readable by others."""
-    try:
-        mode = stat.S_IMODE(os.stat(directory).st_mode)
-    except FileNotFoundError:
-        return
-    if mode & 0o077:
-        log.warning("retention.recordings_dir_not_private", dir=str(directory), mode=oct(mode))
+    problem = recordings_dir_problem(directory)
+    if problem is not None:
+        log.warning("retention.recordings_dir_not_private", dir=str(directory), problem=problem)
 
 
 # -- decision groups --------------------------------------------------------------------------
@@ -151,7 +191,10 @@ class Group:
         purpose = purposes.get(self.purpose)
         if purpose is None:
             return None
-        return self.started + timedelta(days=purpose.retention_days)
+        try:
+            return self.started + timedelta(days=purpose.retention_days)
+        except OverflowError:  # beyond year 9999 (the settings loader refuses this): never ends
+            return None
 
     def expired(self, purposes: Mapping[str, Purpose], now: datetime) -> bool:
         """The retention period of this group ended (unknown purpose: never, and reported)."""
@@ -215,6 +258,11 @@ SELECT DISTINCT e.recording_id FROM consent_events e
                     WHERE d.scope = 'recording' AND d.kind IN ('retention', 'erasure')
                       AND d.recording_id = e.recording_id)
  ORDER BY 1
+"""
+
+RECORDINGS_DELETED_AMONG = """
+SELECT DISTINCT recording_id FROM data_erasures
+ WHERE scope = 'recording' AND kind IN ('retention', 'erasure') AND recording_id = ANY($1::text[])
 """
 
 RECORDING_DELETED = """
@@ -375,6 +423,10 @@ class SweepReport:
     records_redacted: list[dict[str, Any]] = field(default_factory=list)
     held: list[dict[str, Any]] = field(default_factory=list)
     busy: int = 0  # items another sweeper (or an erasure) was working on: skipped, not lost
+    # Files of an already tombstoned recording, deleted now (an earlier unlink did not happen).
+    leftovers_deleted: list[dict[str, Any]] = field(default_factory=list)
+    # Files that could not be deleted (name and error): retried by the next sweep.
+    files_not_deleted: list[dict[str, Any]] = field(default_factory=list)
     unknown_purposes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -403,13 +455,15 @@ class RetentionSweeper:
         check_recordings_dir(self.recordings_dir)
         connection = await self._connect(self.dsn, timeout=10)
         try:
+            await self._sweep_leftovers(connection, report, dry_run)
             await self._sweep_recordings(connection, now, report, run_id, dry_run)
             await self._sweep_records(connection, now, report, run_id, dry_run)
         finally:
             await connection.close()
         log.info("retention.sweep_done", recordings=len(report.recordings_deleted),
                  records=len(report.records_redacted), held=len(report.held), busy=report.busy,
-                 unknown_purposes=report.unknown_purposes, dry_run=dry_run, run_id=str(run_id))
+                 unknown_purposes=report.unknown_purposes, leftovers=len(report.leftovers_deleted),
+                 not_deleted=len(report.files_not_deleted), dry_run=dry_run, run_id=str(run_id))
         return report
 
     def _note_unknown(self, groups: Iterable[Group], report: SweepReport) -> None:
@@ -449,6 +503,7 @@ class RetentionSweeper:
     async def _delete_recording(self, connection: asyncpg.Connection, recording_id: str, now: datetime,
                                 report: SweepReport, run_id: uuid.UUID) -> None:
         check_recording_id(recording_id)
+        paths: list[Path] = []
         async with connection.transaction():
             await share_hold_lock(connection)
             if not await lock_recording(connection, recording_id, wait=False):
@@ -470,10 +525,46 @@ class RetentionSweeper:
                 files=[p.name for p in paths], actor=self.actor, at=now, request_id=run_id,
                 reason="no purpose needs the recording any more (retention ended "
                        f"{', '.join(ends)}; or consent withdrawn / erased)")
-            removed = await asyncio.to_thread(delete_recording_files, paths)
-        report.recordings_deleted.append({"recording_id": recording_id, "files": removed})
-        log.info("retention.recording_deleted", recording_id=recording_id, files=removed,
+        # The files go only once the tombstone has committed: a failed commit leaves them in
+        # place for the next sweep; a failed unlink is reported and retried (_sweep_leftovers).
+        outcome = await asyncio.to_thread(remove_files, paths)
+        report.recordings_deleted.append({"recording_id": recording_id, "files": outcome.removed})
+        self._note_failed(recording_id, outcome, report)
+        log.info("retention.recording_deleted", recording_id=recording_id, files=outcome.removed,
                  consent_ids=sorted(str(g.consent_id) for g in claims), run_id=str(run_id))
+
+    def _note_failed(self, recording_id: str, outcome: FileDeletion, report: SweepReport) -> None:
+        if outcome.failed:
+            report.files_not_deleted.append({"recording_id": recording_id, "files": outcome.failed})
+            log.error("retention.files_not_deleted", recording_id=recording_id, files=outcome.failed,
+                      hint="fix the cause; the next sweep deletes them")
+
+    async def _sweep_leftovers(self, connection: asyncpg.Connection, report: SweepReport, dry_run: bool) -> None:
+        """Files of recordings whose deletion tombstone committed but whose unlink did not happen
+        (a crash between the two, an unlink error): delete them now.  Costs one directory
+        listing, not a look at every tombstone ever written."""
+        on_disk: dict[str, list[Path]] = defaultdict(list)
+        try:
+            with os.scandir(self.recordings_dir) as entries:
+                for entry in entries:
+                    match = _RECORDING_FILE.match(entry.name)
+                    if match:
+                        on_disk[match[1]].append(Path(entry.path))
+        except FileNotFoundError:
+            return
+        if not on_disk:
+            return
+        tombstoned = {row[0] for row in await connection.fetch(RECORDINGS_DELETED_AMONG, sorted(on_disk))}
+        for recording_id in sorted(tombstoned):
+            paths = sorted(on_disk[recording_id])
+            if dry_run:
+                report.leftovers_deleted.append({"recording_id": recording_id, "files": [p.name for p in paths]})
+                continue
+            outcome = await asyncio.to_thread(remove_files, paths)
+            if outcome.removed:
+                report.leftovers_deleted.append({"recording_id": recording_id, "files": outcome.removed})
+                log.warning("retention.leftover_deleted", recording_id=recording_id, files=outcome.removed)
+            self._note_failed(recording_id, outcome, report)
 
     async def _sweep_records(self, connection: asyncpg.Connection, now: datetime, report: SweepReport,
                              run_id: uuid.UUID, dry_run: bool) -> None:
@@ -522,7 +613,7 @@ def _actor(args: argparse.Namespace) -> str:
         return str(args.actor)
     try:
         return f"cli:{getpass.getuser()}"
-    except Exception:  # no passwd entry (containers)
+    except (KeyError, OSError):  # no passwd entry (containers)
         return f"cli:uid{os.getuid()}"
 
 
@@ -571,7 +662,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
               f"{len(report.held)} kept under legal hold; {report.busy} skipped (busy)")
         for purpose in report.unknown_purposes:
             print(f"warning: purpose {purpose!r} is not in the catalogue: its data is kept", file=sys.stderr)
-    return 0
+    for failed in report.files_not_deleted:
+        names = ", ".join(f"{f['name']} ({f['error']})" for f in failed["files"])
+        print(f"error: recording {failed['recording_id']}: could not delete {names}; the next sweep retries",
+              file=sys.stderr)
+    return 1 if report.files_not_deleted else 0
 
 
 async def _with_connection(dsn: str, work: Callable[[asyncpg.Connection], Any]) -> Any:

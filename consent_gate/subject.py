@@ -29,14 +29,16 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
 import uuid
 import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, Sequence
+from typing import IO, Any
 
 import asyncpg
 import structlog
@@ -47,9 +49,9 @@ from .retention import (
     KEYS_BY_RECORDINGS,
     RECORDING_DELETED,
     Group,
+    _actor,
     add_common_arguments,
     check_recording_id,
-    delete_recording_files,
     fetch_groups,
     load_cli_settings,
     lock_group,
@@ -57,9 +59,9 @@ from .retention import (
     read_caller_number,
     recording_files,
     redact_group,
+    remove_files,
     share_hold_lock,
     write_erasure,
-    _actor,
 )
 
 log = structlog.get_logger(__name__)
@@ -78,6 +80,9 @@ EXPORT_COLUMNS = (
 )
 
 
+_CONSENT_REFERENCE = re.compile(r"^[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\Z")
+
+
 class SubjectNotFound(LookupError):
     """No personal data matches the request (the same answer whatever the reason)."""
 
@@ -91,10 +96,11 @@ class SubjectQuery:
         if (self.caller_number is None) == (self.consent_id is None):
             raise ValueError("give a caller number or a consent reference, not both")
         if self.consent_id is not None:
-            try:
-                uuid.UUID(self.consent_id)
-            except (ValueError, AttributeError, TypeError):
-                raise ValueError("a consent reference is a UUID") from None
+            # Only the form the caller was given (8-4-4-4-12 hex): uuid.UUID() also takes braces,
+            # a urn:uuid: prefix and more, which PostgreSQL refuses; stored lower-case.
+            if not isinstance(self.consent_id, str) or not _CONSENT_REFERENCE.match(self.consent_id):
+                raise ValueError("a consent reference is a UUID (8-4-4-4-12 hex digits)")
+            object.__setattr__(self, "consent_id", self.consent_id.lower())
         if self.caller_number is not None and (not isinstance(self.caller_number, str)
                                                or len(self.caller_number) > 64):
             raise ValueError("a caller number has at most 64 characters")
@@ -208,23 +214,41 @@ async def collect_records(
     }
 
 
-def _open_recording(path: Path) -> int | None:
-    """Open a recording for reading without following links; None unless a regular file."""
+def _open_recording(path: Path) -> int | str:
+    """Open a recording for reading: a file descriptor, or why it was skipped.
+
+    Only a regular file is read.  A FIFO would block open() until some writer came (an export
+    that never ends), a device or a symlink could read something that is not a recording; so
+    the type is checked before opening (lstat), the open neither follows links nor blocks, and
+    fstat makes sure it is the same regular file that was checked.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except (FileNotFoundError, OSError):
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        before = os.lstat(path)
+    except FileNotFoundError:
+        return "gone"
+    if not stat.S_ISREG(before.st_mode):
+        return "not a regular file"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "gone"
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    after = os.fstat(fd)
+    if not stat.S_ISREG(after.st_mode) or (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
         os.close(fd)
-        return None
+        return "replaced while being opened"
+    os.set_blocking(fd, True)
     return fd
 
 
-def _add_file(archive: zipfile.ZipFile, path: Path, name: str) -> dict[str, Any] | None:
-    """Copy one regular file into the archive; its size and sha256, or None if it is not there."""
+def _add_file(archive: zipfile.ZipFile, path: Path, name: str) -> dict[str, Any]:
+    """Copy one regular file into the archive: its size and sha256, or ``skipped`` and why."""
     fd = _open_recording(path)
-    if fd is None:
-        return None
+    if isinstance(fd, str):
+        if fd != "gone":
+            log.warning("subject.export_file_skipped", file=path.name, reason=fd)
+        return {"name": path.name, "skipped": fd}
     digest = hashlib.sha256()
     size = 0
     with os.fdopen(fd, "rb") as source, archive.open(name, "w") as target:
@@ -244,23 +268,31 @@ def write_archive(records: dict[str, Any], recordings_dir: Path, out: IO[bytes],
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for recording_id in records["recording_ids"]:
             check_recording_id(recording_id)
-            present = []
+            present, skipped = [], []
             for path in recording_files(Path(recordings_dir), recording_id):
                 added = _add_file(archive, path, f"recordings/{path.name}")
-                if added is not None:
-                    present.append(added)
-                    names.append(path.name)
-            files_meta.append({"recording_id": recording_id, "files": present, "available": bool(present)})
+                if "skipped" in added:
+                    if added["skipped"] != "gone":
+                        skipped.append(added)
+                    continue
+                present.append(added)
+                names.append(path.name)
+            entry: dict[str, Any] = {"recording_id": recording_id, "files": present, "available": bool(present)}
+            if skipped:
+                entry["skipped"] = skipped
+            files_meta.append(entry)
         copies_meta = []
         for copy in records.get("training_copies", []):
             copy_id = str(copy["copy_id"])
             check_recording_id(copy_id)  # the same 32-hex shape: nothing else reaches a path
-            added = None
+            copy_file: dict[str, Any] | None = None
             if copies_dir is not None:
-                added = _add_file(archive, Path(copies_dir) / f"{copy_id}.wav", f"training-copies/{copy_id}.wav")
-            if added is not None:
+                copy_file = _add_file(archive, Path(copies_dir) / f"{copy_id}.wav", f"training-copies/{copy_id}.wav")
+                if "skipped" in copy_file:
+                    copy_file = None
+            if copy_file is not None:
                 names.append(f"{copy_id}.wav")
-            copies_meta.append({**copy, "file": added, "available": added is not None})
+            copies_meta.append({**copy, "file": copy_file, "available": copy_file is not None})
         document = {**{k: v for k, v in records.items() if k not in ("recording_ids", "training_copies")},
                     "recordings": files_meta, "training_copies": copies_meta}
         archive.writestr("consent-records.json", json.dumps(document, indent=2, ensure_ascii=False) + "\n")
@@ -302,6 +334,9 @@ class ErasureResult:
     recordings_kept: list[dict[str, Any]] = field(default_factory=list)
     training_copies_erased: int = 0
     training_copies_left: int = 0  # linked copies not erased because no copies directory was given
+    # Files the erasure decided to delete but could not (name and error): the request is
+    # "partial"; erasing again, or the next retention sweep, retries the recordings.
+    files_not_deleted: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -312,7 +347,8 @@ async def erase(
     query: SubjectQuery, *, reason: str, actor: str, request_ref: str | None = None,
     clock: Callable[[], datetime] = utcnow, copies_dir: Path | None = None,
 ) -> ErasureResult:
-    """Erase what may be erased, refuse (and log) what may not; one transaction.
+    """Erase what may be erased, refuse (and log) what may not; one transaction, and the files
+    only once it has committed (``files_not_deleted`` lists any that could not be: "partial").
 
     ``copies_dir``: where training copies live (consent_gate.training); the de-identified copy
     made from a recording of an erased decision goes too, with its link.
@@ -321,6 +357,10 @@ async def erase(
     now = clock()
     request_id = uuid.uuid4()
     result = ErasureResult(request_id=str(request_id))
+    # Files are deleted only after the transaction that records their deletion has committed:
+    # a failed commit must leave them in place (and no tombstone), never the other way round.
+    deletions: list[tuple[str, list[Path]]] = []
+    copy_files: list[Path] = []
     async with connection.transaction():
         await share_hold_lock(connection)
         groups = await find_scope(connection, hmac_key, query)
@@ -362,6 +402,10 @@ async def erase(
         claims = await fetch_groups(connection, KEYS_BY_RECORDINGS, recording_ids) if recording_ids else []
         for recording_id in recording_ids:
             if await connection.fetchval(RECORDING_DELETED, recording_id):
+                # Decided earlier; files still there are what an earlier unlink left: retry it.
+                leftovers = recording_files(Path(recordings_dir), recording_id)
+                if leftovers:
+                    deletions.append((recording_id, leftovers))
                 continue
             mine = [g for g in claims if recording_id in g.recording_ids]
             live = [g for g in mine if not g.claim_ended(purposes, now)]
@@ -376,18 +420,17 @@ async def erase(
             await write_erasure(connection, kind="erasure", scope="recording", recording_id=recording_id,
                                 files=[p.name for p in paths], reason=reason, actor=actor, at=now,
                                 request_id=request_id, request_ref=request_ref)
-            removed = await asyncio.to_thread(delete_recording_files, paths)
-            result.recordings_deleted.append({"recording_id": recording_id, "files": removed})
+            deletions.append((recording_id, paths))
 
         # Training copies made from a recording of an erased decision (still personal data while linked).
         erased_keys = {(e["consent_id"], e["purpose"]) for e in result.erased}
         copy_sources = sorted({r for g in groups if (str(g.consent_id), g.purpose) in erased_keys
                                for r in g.recording_ids})
         if copies_dir is not None and copy_sources:
-            from .training import erase_training_copy
-
             for recording_id in copy_sources:
-                if await erase_training_copy(connection, recording_id, Path(copies_dir)) is not None:
+                copy_id = await _forget_training_copy(connection, recording_id)
+                if copy_id is not None:
+                    copy_files.append(Path(copies_dir) / f"{copy_id}.wav")
                     result.training_copies_erased += 1
         elif copy_sources:
             # Without the directory the copies cannot be deleted: say so rather than claim "erased".
@@ -396,12 +439,36 @@ async def erase(
             if result.training_copies_left:
                 log.warning("subject.training_copies_left", copies=result.training_copies_left,
                             hint="set CONSENT_GATE_TRAINING_DIR or --copies-dir and erase again")
+    for recording_id, paths in deletions:
+        outcome = await asyncio.to_thread(remove_files, paths)
+        result.recordings_deleted.append({"recording_id": recording_id, "files": outcome.removed})
+        if outcome.failed:
+            result.files_not_deleted.append({"recording_id": recording_id, "files": outcome.failed})
+    if copy_files:
+        outcome = await asyncio.to_thread(remove_files, copy_files)
+        if outcome.failed:
+            result.files_not_deleted.append({"training_copies": outcome.failed})
+    if result.files_not_deleted:
+        log.error("subject.files_not_deleted", files=result.files_not_deleted, request_id=str(request_id),
+                  hint="fix the cause; erasing again (or the next retention sweep) deletes recordings left over")
     result.status = ("refused" if not result.erased
-                     else "partial" if result.refused or result.training_copies_left else "erased")
+                     else "partial" if result.refused or result.training_copies_left or result.files_not_deleted
+                     else "erased")
     log.info("subject.erased", status=result.status, erased=len(result.erased), refused=len(result.refused),
              recordings_deleted=[r["recording_id"] for r in result.recordings_deleted],
              request_id=str(request_id), request_ref=request_ref, actor=actor)
     return result
+
+
+async def _forget_training_copy(connection: asyncpg.Connection, recording_id: str) -> str | None:
+    """Remove the index row and link of the copy made from a recording (its file is deleted by
+    the caller once this commits); returns the copy id, or None when there is none."""
+    copy_id = await connection.fetchval(
+        "DELETE FROM training_copy_links WHERE recording_id = $1 RETURNING copy_id", recording_id)
+    if copy_id is None:
+        return None
+    await connection.execute("DELETE FROM training_copies WHERE copy_id = $1", copy_id)
+    return check_recording_id(str(copy_id))  # the same 32-hex shape: safe in a path
 
 
 # -- command line -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 -- consent-gate: least-privilege database roles.  Not a migration (roles are cluster-wide and
 -- need a privileged user): run it once, and again after each `consent-gate db migrate`, as a
--- superuser or the database owner:
+-- superuser or the database owner (REVOKE TEMPORARY ON DATABASE below needs one of them):
 --
 --   psql -v ON_ERROR_STOP=1 -d consent_gate -f sql/roles/roles.sql
 --
@@ -11,9 +11,16 @@
 --                     API) and the training-copy worker: read the ledger, append tombstones
 --                     and holds, redact only through consent_redact(), manage training copies.
 --
--- Both are NOLOGIN groups: give your service users membership, e.g.
---   CREATE ROLE asterisk LOGIN IN ROLE consent_gate_gate;            -- peer auth, no password
+-- Both are NOLOGIN groups: give each service user its own login role, e.g.
+--   CREATE ROLE asterisk LOGIN IN ROLE consent_gate_gate;         -- the AGI script (peer auth)
+--   CREATE ROLE "consent-gate" LOGIN IN ROLE consent_gate_gate;   -- the ARI service (peer auth)
 --   CREATE ROLE consent_gate_tools LOGIN IN ROLE consent_gate_admin;
+--   \password consent_gate_tools     -- the same password as /etc/consent-gate/admin-pgpass
+-- The tools (deploy/consent-gate-api.service, consent-gate-retention.service) run as their own
+-- OS user consent-gate-admin and get that password as a systemd credential; with peer auth
+-- instead, CREATE ROLE "consent-gate-admin" LOGIN IN ROLE consent_gate_admin.  Never make the
+-- asterisk role (or "consent-gate") a member of consent_gate_admin: Asterisk would then hold
+-- the right to redact and to read every caller's decisions.
 -- Neither owns a table, so neither can ALTER TABLE ... DISABLE TRIGGER: the append-only
 -- guarantee holds against the service's own credentials.  Keep the owning (migrating) role for
 -- migrations only.
@@ -26,6 +33,17 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'consent_gate_admin') THEN
         CREATE ROLE consent_gate_admin NOLOGIN;
     END IF;
+END
+$$;
+
+-- No temporary tables for anybody but the owner: a temporary table is searched before the
+-- real one (unless a function pins pg_temp last, as consent_redact() now does) and is the
+-- classic way to fool a SECURITY DEFINER function.  Needs the database owner or a superuser.
+DO $$
+BEGIN
+    EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+    EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM consent_gate_gate, consent_gate_admin',
+                   current_database());
 END
 $$;
 

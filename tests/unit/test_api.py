@@ -173,6 +173,62 @@ async def test_not_json_and_too_large_bodies(client: TestClient) -> None:
     assert response.status == 405
 
 
+@pytest.mark.parametrize("path", ["/v1/subject/export", "/v1/subject/erase"])
+async def test_deeply_nested_json_is_400_not_500(client: TestClient, path: str) -> None:
+    """8,000 nested arrays make json.loads raise RecursionError (not a ValueError)."""
+    deep = "[" * 8000 + "]" * 8000
+    for body in (deep, '{"consent_id": ' + deep + "}"):
+        response = await client.post(path, data=body, headers={**auth(), "Content-Type": "application/json"})
+        assert response.status == 400, await response.text()
+        assert await response.json() == {"error": "not valid JSON"}
+
+
+@pytest.mark.parametrize("reference", [
+    "{%s}",          # Python's uuid.UUID takes braces ...
+    "urn:uuid:%s",   # ... and the URN form, which PostgreSQL refuses
+    "{%s",
+    " %s ",
+    "%s\\u0000",
+])
+@pytest.mark.parametrize("path", ["/v1/subject/export", "/v1/subject/erase"])
+async def test_uuid_lookalike_references_are_404_not_500(
+    client: TestClient, conn: asyncpg.Connection, recdir: Path, reference: str, path: str,
+) -> None:
+    d = await add_decision(conn, at=T0, number=NUMBER)
+    [file] = write_recording(recdir, d.recording_id)
+    response = await client.post(path, data=('{"consent_id": "' + reference % d.consent_id + '"}').encode(),
+                                 headers={**auth(), "Content-Type": "application/json"})
+    assert response.status == 404, await response.text()
+    assert await response.json() == {"error": "no records for this person"}
+    assert file.exists() and await conn.fetchval("SELECT count(*) FROM data_erasures") == 0
+
+
+@pytest.mark.parametrize("field", ["reason", "request_ref", "actor"])
+async def test_control_characters_in_a_field_are_400(
+    client: TestClient, conn: asyncpg.Connection, recdir: Path, field: str,
+) -> None:
+    """PostgreSQL text cannot hold NUL (a 500 before); nothing with control characters is stored."""
+    d = await add_decision(conn, at=T0, number=NUMBER)
+    [file] = write_recording(recdir, d.recording_id)
+    for bad in ("a\\u0000b", "line\\nbreak"):
+        response = await client.post(
+            "/v1/subject/erase", data=('{"consent_id": "%s", "%s": "%s"}' % (d.consent_id, field, bad)).encode(),
+            headers={**auth(), "Content-Type": "application/json"})
+        assert response.status == 400, await response.text()
+        assert field in (await response.json())["error"]
+    assert file.exists() and await conn.fetchval("SELECT count(*) FROM data_erasures") == 0
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/subject/{uuid}", "/v1/subject/%7B" + "0" * 8 + "-0000-0000-0000-" + "0" * 12 + "%7D",
+    "/v1/subject/export/extra", "/v1/subject/%00", "/v1/subject/%ff%fe", "/v1/" + "a" * 4000,
+])
+async def test_unknown_or_malformed_paths_are_404(client: TestClient, path: str) -> None:
+    response = await client.post(path, json={"consent_id": str(uuid.uuid4())}, headers=auth())
+    assert response.status == 404, await response.text()
+    assert await response.json() == {"error": "not found"}
+
+
 # -- export and erase ----------------------------------------------------------------------------
 
 async def test_export_by_number_returns_the_archive(client: TestClient, conn: asyncpg.Connection,

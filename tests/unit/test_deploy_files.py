@@ -3,14 +3,16 @@ is valid (systemd-analyze verify) and keeps its hardening and its secrets out of
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
-from consent_gate import config
+from consent_gate import config, retention
 from consent_gate.config import DEFAULT_PURPOSES, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,7 +108,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     text = UNIT.read_text().replace("/usr/local/bin/consent-gate-ari", entry)
     copy = tmp_path / "consent-gate-ari.service"
     copy.write_text(text)
-    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "consent-gate-ari.service" not in done.stderr, done.stderr
 
@@ -114,12 +116,13 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 API_UNIT = ROOT / "deploy" / "consent-gate-api.service"
 
 
-def test_api_unit_owns_what_it_deletes_and_reads_its_token_as_a_credential() -> None:
+def test_api_unit_runs_as_the_tools_and_reads_its_token_as_a_credential() -> None:
     unit = _unit(API_UNIT)
-    assert unit["User"] == ["asterisk"] and unit["SupplementaryGroups"] == ["consent-gate"]
+    assert unit["User"] == ["consent-gate-admin"] and unit["Group"] == ["consent-gate-admin"]
+    assert unit["SupplementaryGroups"] == ["consent-gate"]
     assert unit["ProtectSystem"] == ["strict"] and unit["NoNewPrivileges"] == ["yes"]
     assert unit["ReadWritePaths"] == [str(load_settings(EXAMPLE, env=SECRET_ENV).recordings_dir)]
-    assert {value.split(":", 1)[0] for value in unit["LoadCredential"]} == {"hmac-key", "api-token"}
+    assert {value.split(":", 1)[0] for value in unit["LoadCredential"]} == {"hmac-key", "api-token", "admin-pgpass"}
     assert "CONSENT_GATE_API_TOKEN_FILE=%d/api-token" in unit["Environment"]
     assert not [e for e in unit["Environment"] if re.match(r"CONSENT_GATE_\w*(PASSWORD|KEY|SECRET|TOKEN)=", e)]
     assert unit["ExecStart"] == ["/usr/local/bin/consent-gate api serve --config /etc/consent-gate/consent-gate.toml"]
@@ -130,6 +133,79 @@ def test_api_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert Path(entry).exists(), "consent-gate is not installed (pip install -e .)"
     copy = tmp_path / "consent-gate-api.service"
     copy.write_text(API_UNIT.read_text().replace("/usr/local/bin/consent-gate", entry))
-    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "consent-gate-api.service" not in done.stderr, done.stderr
+
+
+RETENTION_UNIT = ROOT / "deploy" / "consent-gate-retention.service"
+TOOL_UNITS = (API_UNIT, RETENTION_UNIT)
+
+
+def test_the_tools_never_run_as_asterisk_and_have_their_own_database_role() -> None:
+    """Asterisk must not end up with the tools' database rights: the tools have their own user,
+    and their role's password arrives as a credential only their unit can read."""
+    for path in TOOL_UNITS:
+        unit = _unit(path)
+        assert unit["User"] == ["consent-gate-admin"] and unit["Group"] == ["consent-gate-admin"], path.name
+        assert "asterisk" not in unit.get("SupplementaryGroups", [""])[0].split(), path.name
+        assert "admin-pgpass:/etc/consent-gate/admin-pgpass" in unit["LoadCredential"], path.name
+        assert "PGPASSFILE=%d/admin-pgpass" in unit["Environment"], path.name
+        assert "PGUSER=consent_gate_tools" in unit["Environment"], path.name
+        assert unit["ReadWritePaths"] == [str(load_settings(EXAMPLE, env=SECRET_ENV).recordings_dir)], path.name
+    # The gate keeps its INSERT-only role: no admin credential, not the tools' user.
+    gate = _unit(UNIT)
+    assert gate["User"] == ["consent-gate"]
+    assert not [c for c in gate["LoadCredential"] if c.startswith("admin-pgpass")]
+    assert not [e for e in gate["Environment"] if e.startswith(("PGUSER=", "PGPASSFILE="))]
+    # The shared DSN names no user, so each unit's own role applies.
+    dsn = tomllib.loads(EXAMPLE.read_text())["ledger"]["dsn"]
+    assert "@" not in dsn and "user=" not in dsn
+    # Nothing in deploy/ runs as asterisk.
+    for path in sorted((ROOT / "deploy").glob("*.service")):
+        assert _unit(path).get("User") != ["asterisk"], path.name
+
+
+def test_roles_sql_documents_one_login_role_per_user() -> None:
+    text = (ROOT / "sql" / "roles" / "roles.sql").read_text()
+    assert "CREATE ROLE consent_gate_tools LOGIN IN ROLE consent_gate_admin;" in text
+    assert "/etc/consent-gate/admin-pgpass" in text
+
+
+def test_retention_unit_and_timer_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    entry = shutil.which("consent-gate") or str(Path(sys.executable).with_name("consent-gate"))
+    assert Path(entry).exists(), "consent-gate is not installed (pip install -e .)"
+    service = tmp_path / "consent-gate-retention.service"
+    service.write_text(RETENTION_UNIT.read_text().replace("/usr/local/bin/consent-gate", entry))
+    timer = tmp_path / "consent-gate-retention.timer"
+    timer.write_text((ROOT / "deploy" / "consent-gate-retention.timer").read_text())
+    done = subprocess.run(["systemd-analyze", "verify", str(service), str(timer)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "consent-gate-retention" not in done.stderr, done.stderr
+
+
+def _posix_acl(entries: tuple[tuple[int, int], ...]) -> bytes:
+    """The kernel's xattr form of a POSIX ACL (what setfacl writes): version 2, then tag, perm, id."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+
+
+def test_the_documented_recordings_directory_lets_the_tools_group_read_new_files(tmp_path: Path) -> None:
+    """README: install -d -m 2770 -o asterisk -g consent-gate-admin + setfacl -d -m u::rw,g::r,o::-.
+    A file created the way MixMonitor does (mode 0666, Asterisk's umask 0077) must come out 0640
+    in the tools' group, and the sweeper must accept the directory as private."""
+    readme = (ROOT / "README.md").read_text()
+    assert "install -d -m 2770 -o asterisk -g consent-gate-admin /var/spool/asterisk/consent-gate" in readme
+    assert "setfacl -d -m u::rw,g::r,o::- /var/spool/asterisk/consent-gate" in readme
+    directory = tmp_path / "recordings"
+    directory.mkdir()
+    os.chown(directory, -1, os.getegid())  # stands for consent-gate-admin: the group the tools run as
+    directory.chmod(0o2770)
+    os.setxattr(directory, "system.posix_acl_default", _posix_acl(((0x01, 6), (0x04, 4), (0x20, 0))))
+    recording = directory / ("a" * 32 + ".wav")
+    create = ("import os, sys; os.umask(0o077); "
+              "os.close(os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o666))")
+    subprocess.run([sys.executable, "-c", create, str(recording)], check=True, timeout=30)
+    info = recording.stat()
+    assert oct(info.st_mode & 0o7777) == oct(0o640) and info.st_gid == directory.stat().st_gid
+    assert retention.recordings_dir_problem(directory) is None

@@ -188,6 +188,20 @@ NON_PERSONAL = ("event_id", "consent_id", "call_id", "event", "purpose", "legal_
                 "stored_at", "source", "via_journal", "detail")
 
 
+# A deferred check on recording tombstones: the transaction fails at COMMIT, after every
+# statement in it ran (what a lost connection or a serialization failure at commit looks like).
+FAIL_AT_COMMIT = """
+CREATE FUNCTION test_refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'refused at commit (test)';
+END;
+$$;
+CREATE CONSTRAINT TRIGGER test_refuse_at_commit AFTER INSERT ON data_erasures
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    WHEN (NEW.scope = 'recording') EXECUTE FUNCTION test_refuse_at_commit();
+"""
+
+
 def sweeper(db: str, recdir: Path, clock: Clock, **kw: Any) -> RetentionSweeper:
     return RetentionSweeper(db, recdir, PURPOSES, clock=clock, **kw)
 
@@ -608,3 +622,87 @@ def test_retention_timer_and_service_verify(tmp_path: Path) -> None:
                            str(tmp_path / "consent-gate-retention.timer")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "consent-gate-retention" not in done.stderr, done.stderr
+
+
+# -- files go after the commit ----------------------------------------------------------------
+
+async def test_a_sweep_whose_commit_fails_leaves_the_files(db: str, conn: asyncpg.Connection, recdir: Path) -> None:
+    d = await add_decision(conn, at=T0, purpose="training")
+    files = write_recording(recdir, d.recording_id, legs=True)
+    await conn.execute(FAIL_AT_COMMIT)
+    with pytest.raises(asyncpg.RaiseError, match="refused at commit"):
+        await sweeper(db, recdir, Clock(T0 + 90 * DAY)).run()
+    assert all(p.exists() for p in files)
+    assert await tombstones(conn, recording_id=d.recording_id) == []
+    await conn.execute("DROP TRIGGER test_refuse_at_commit ON data_erasures")
+    report = await sweeper(db, recdir, Clock(T0 + 90 * DAY)).run()
+    assert [r["recording_id"] for r in report.recordings_deleted] == [d.recording_id]
+    assert not any(p.exists() for p in files)
+
+
+async def test_files_left_after_a_committed_tombstone_are_deleted_by_the_next_sweep(
+    db: str, conn: asyncpg.Connection, recdir: Path,
+) -> None:
+    """A crash between the commit and the unlink (or an unlink error) leaves files whose
+    deletion is already recorded: the next sweep finds them by listing the directory."""
+    d = await add_decision(conn, at=T0, purpose="training")
+    files = write_recording(recdir, d.recording_id, legs=True)
+    unrelated = write_recording(recdir, new_recording_id())  # no tombstone: never touched
+    stuck = files[1]
+    stuck.unlink()
+    stuck.mkdir()  # unlink() fails on it (EISDIR)
+    report = await sweeper(db, recdir, Clock(T0 + 90 * DAY)).run()
+    [failed] = report.files_not_deleted
+    assert failed["recording_id"] == d.recording_id and [f["name"] for f in failed["files"]] == [stuck.name]
+    assert stuck.exists() and len(await tombstones(conn, scope="recording", recording_id=d.recording_id)) == 1
+    stuck.rmdir()
+    stuck.write_bytes(b"RIFF")
+    dry = await sweeper(db, recdir, Clock(T0 + 91 * DAY)).run(dry_run=True)
+    assert dry.leftovers_deleted == [{"recording_id": d.recording_id, "files": [stuck.name]}] and stuck.exists()
+    report = await sweeper(db, recdir, Clock(T0 + 91 * DAY)).run()
+    assert report.leftovers_deleted == [{"recording_id": d.recording_id, "files": [stuck.name]}]
+    assert report.files_not_deleted == [] and not stuck.exists()
+    assert all(p.exists() for p in unrelated)
+
+
+# -- retention_days bounds ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("days", [3_000_000, 10**9, 10**12])
+async def test_a_retention_beyond_the_calendar_keeps_the_data_and_does_not_crash_the_sweep(
+    db: str, conn: asyncpg.Connection, recdir: Path, days: int,
+) -> None:
+    """A catalogue built in code (not through the settings loader) can still hold such a value."""
+    purposes = {**PURPOSES, "training": Purpose("training", "consent", "question-training", days)}
+    kept = await add_decision(conn, at=T0, purpose="training")
+    [kept_file] = write_recording(recdir, kept.recording_id)
+    due = await add_decision(conn, at=T0, purpose="documentation")
+    [due_file] = write_recording(recdir, due.recording_id)
+    report = await RetentionSweeper(db, recdir, purposes, clock=Clock(T0 + 400 * DAY)).run()
+    assert [r["recording_id"] for r in report.recordings_deleted] == [due.recording_id]
+    assert kept_file.exists() and not due_file.exists()
+
+
+@pytest.mark.parametrize("days, ok", [(1, True), (36500, True), (0, False), (36501, False), (10**12, False)])
+def test_retention_days_is_bounded_when_the_settings_load(tmp_path: Path, days: int, ok: bool) -> None:
+    from consent_gate.config import ConfigError, load_settings
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[purposes.archive]\nlegal_basis = "consent"\nretention_days = {days}\n')
+    if ok:
+        settings = load_settings(config, env={"CONSENT_GATE_HMAC_KEY": "k" * 32}, require_ari=False)
+        assert settings.purposes["archive"].retention_days == days
+        return
+    with pytest.raises(ConfigError, match=rf"purposes\.archive\.retention_days: {days} is outside 1\.\.36500 days"):
+        load_settings(config, env={"CONSENT_GATE_HMAC_KEY": "k" * 32}, require_ari=False)
+
+
+def test_the_recordings_directory_may_be_shared_with_the_tools_group_only(tmp_path: Path) -> None:
+    directory = tmp_path / "recordings"
+    directory.mkdir()
+    for mode, private in ((0o700, True), (0o2770, True), (0o750, True), (0o755, False), (0o2777, False)):
+        directory.chmod(mode)
+        assert (retention.recordings_dir_problem(directory) is None) == private, oct(mode)
+    other_group = next(g for g in range(1, 65534) if g != os.getegid())
+    os.chown(directory, -1, other_group)  # root in the tests; the group is not the tools' group
+    directory.chmod(0o2770)
+    assert "not this process's group" in (retention.recordings_dir_problem(directory) or "")

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import uuid
 import zipfile
 from datetime import timedelta
@@ -24,6 +25,7 @@ from consent_gate.subject import SubjectNotFound, SubjectQuery
 
 from .test_retention import (  # noqa: F401  (fixtures)
     DAY,
+    FAIL_AT_COMMIT,
     HMAC_KEY,
     PURPOSES,
     T0,
@@ -262,6 +264,46 @@ async def test_erase_without_the_copies_directory_says_the_copy_is_left(
     assert again.training_copies_erased == 1 and not (copies / f"{copy_id}.wav").exists()
 
 
+async def test_an_erasure_whose_commit_fails_leaves_every_file(
+    conn: asyncpg.Connection, recdir: Path, tmp_path: Path,
+) -> None:
+    """The files go only after the transaction that records their deletion has committed."""
+    d = await add_decision(conn, at=T0, number=NUMBER)
+    files = write_recording(recdir, d.recording_id, legs=True)
+    copies = tmp_path / "copies"
+    copy_id = await add_training_copy(conn, d.recording_id, copies)
+    await conn.execute(FAIL_AT_COMMIT)  # a deferred check: fails at COMMIT, after every statement ran
+    with pytest.raises(asyncpg.RaiseError, match="refused at commit"):
+        await do_erase(conn, recdir, SubjectQuery(caller_number=NUMBER), copies_dir=copies)
+    assert all(p.exists() for p in files) and (copies / f"{copy_id}.wav").exists()
+    assert await tombstones(conn, recording_id=d.recording_id) == []
+    assert (await rows(conn, d.consent_id))[0]["caller_ref"] == d.caller_ref
+
+
+async def test_a_file_that_cannot_be_deleted_makes_the_erasure_partial_and_is_retried(
+    conn: asyncpg.Connection, recdir: Path,
+) -> None:
+    d = await add_decision(conn, at=T0, number=NUMBER)
+    [mix] = write_recording(recdir, d.recording_id)
+    stuck = recdir / f"{d.recording_id}-caller.wav"
+    stuck.mkdir()  # unlink() fails on it (EISDIR), as it would on a busy or protected file
+    result = await do_erase(conn, recdir, SubjectQuery(caller_number=NUMBER))
+    assert result.status == "partial" and not mix.exists() and stuck.exists()
+    assert result.recordings_deleted == [{"recording_id": d.recording_id, "files": [mix.name]}]
+    [left] = result.files_not_deleted
+    assert left["recording_id"] == d.recording_id and [f["name"] for f in left["files"]] == [stuck.name]
+    [tomb] = await tombstones(conn, scope="recording", recording_id=d.recording_id)
+    assert sorted(tomb["files"]) == sorted([mix.name, stuck.name])  # what was decided
+    # The cause goes away (here: the obstacle becomes an ordinary file): erasing again removes it.
+    stuck.rmdir()
+    write_recording(recdir, d.recording_id)  # and a stray copy of the mix reappears, say
+    stuck.write_bytes(b"RIFF")
+    again = await do_erase(conn, recdir, SubjectQuery(consent_id=str(d.consent_id)))
+    assert again.status == "erased" and again.files_not_deleted == []
+    assert again.recordings_deleted == [{"recording_id": d.recording_id, "files": sorted([mix.name, stuck.name])}]
+    assert not mix.exists() and not stuck.exists()
+
+
 async def test_export_includes_the_training_copy(conn: asyncpg.Connection, recdir: Path, tmp_path: Path) -> None:
     d = await add_decision(conn, at=T0, number=NUMBER)
     write_recording(recdir, d.recording_id)
@@ -346,3 +388,37 @@ def test_cli_export_and_erase(db: str, recdir: Path, tmp_path: Path, monkeypatch
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "erased" and not path.exists()
     assert run("subject", "erase", "--caller-number", NUMBER) == 2
+
+
+# -- export: only regular files are read ------------------------------------------------------
+
+async def test_export_skips_a_fifo_and_a_symlink_instead_of_hanging(
+    conn: asyncpg.Connection, recdir: Path, tmp_path: Path,
+) -> None:
+    d = await add_decision(conn, at=T0, number=NUMBER)
+    [mix] = write_recording(recdir, d.recording_id)
+    fifo = recdir / f"{d.recording_id}-caller.wav"
+    os.mkfifo(fifo, 0o600)  # opening it for reading blocks until a writer comes
+    secret = tmp_path / "not-a-recording"
+    secret.write_bytes(b"secret")
+    (recdir / f"{d.recording_id}-agent.wav").symlink_to(secret)
+    records = await subject.collect_records(conn, HMAC_KEY, SubjectQuery(caller_number=NUMBER), PURPOSES,
+                                            now=T0 + DAY)
+    out = io.BytesIO()
+    outcome: list[Any] = []
+    worker = threading.Thread(target=lambda: outcome.append(subject.write_archive(records, recdir, out)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    if worker.is_alive():  # release the blocked open() so the test fails instead of hanging
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=20)
+        pytest.fail("the export blocked on a FIFO in the recordings directory")
+    [summary] = outcome
+    assert summary.files == [mix.name]
+    archive = zipfile.ZipFile(io.BytesIO(out.getvalue()))
+    assert [n for n in archive.namelist() if n.startswith("recordings/")] == [f"recordings/{mix.name}"]
+    [listed] = records_of(archive)["recordings"]
+    assert sorted(s["name"] for s in listed["skipped"]) == sorted([fifo.name, f"{d.recording_id}-agent.wav"])
+    assert {s["skipped"] for s in listed["skipped"]} == {"not a regular file"}
+    assert b"secret" not in out.getvalue()
