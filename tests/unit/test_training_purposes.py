@@ -87,6 +87,9 @@ class AnsweringCaller:
     async def wait_key(self, timeout: float) -> str | None:
         raise AssertionError("every question was answered during its prompt")
 
+    async def discard_keys(self) -> None:
+        pass  # keys come only as answers to the prompt being played
+
 
 def admin_dsn(sandbox: PgSandbox) -> str:
     return f"postgresql://postgres@127.0.0.1:{sandbox.port}/postgres"
