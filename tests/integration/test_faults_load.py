@@ -895,7 +895,7 @@ async def inserts_waiting(connection: asyncpg.Connection) -> bool:
 
 @contextlib.asynccontextmanager
 async def flaky_ami(gate: GateService, asterisk: AsteriskSandbox, seed: int,
-                    refuse: float = 0.2, cut: float = 0.1) -> AsyncIterator[FlakyTcpProxy]:
+                    refuse: float = 0.3, cut: float = 0.3) -> AsyncIterator[FlakyTcpProxy]:
     """The service's AMI through a proxy that refuses and cuts connections at random (seeded)."""
     proxy = FlakyTcpProxy(int(asterisk.env()["CONSENT_GATE_AMI_PORT"]), random.Random(seed), refuse=refuse, cut=cut)
     await proxy.start()
