@@ -39,6 +39,11 @@ def _user(uid: int) -> str:
         return str(uid)
 
 
+def _who(uid: int) -> str:
+    name = _user(uid)
+    return f"uid {uid}" if name == str(uid) else f"{name} (uid {uid})"
+
+
 def _create_hint(path: Path, uid: int) -> str:
     user = _user(uid)
     try:
@@ -64,8 +69,8 @@ def private_dir_problem(path: Path, uid: int) -> str | None:
     if not stat.S_ISDIR(info.st_mode):
         return f"recordings.dir {path}: is not a directory"
     if info.st_uid != uid:
-        return (f"recordings.dir {path}: owned by {_user(info.st_uid)} (uid {info.st_uid}), not by the Asterisk "
-                f"user {_user(uid)} (uid {uid}); chown {_user(uid)} {path}")
+        return (f"recordings.dir {path}: owned by {_who(info.st_uid)}, not by the Asterisk user {_who(uid)}; "
+                f"chown {_user(uid)} {path}")
     mode = stat.S_IMODE(info.st_mode)
     if mode != 0o700:
         return f"recordings.dir {path}: mode {mode:04o} is not 0700 (group and others must have no access); " \

@@ -185,22 +185,24 @@ class _AmiHandler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         self.wfile.write(b"Asterisk Call Manager/9.0.0\r\n")
-        while True:
-            message: dict[str, str] = {}
-            while (line := self.rfile.readline().decode().rstrip("\r\n")) or not message:
-                if not line and self.rfile.peek(1) == b"":
-                    return
-                if line:
-                    key, _, value = line.partition(":")
-                    message[key.strip()] = value.strip()
-            action_id = message.get("ActionID", "")
-            if message.get("Action") == "Login":
-                self.server.logins.append(message.get("Username", ""))
-                ok = message.get("Secret") == self.server.secret
-                reply = "Success\r\nMessage: Authentication accepted" if ok else "Error\r\nMessage: Authentication failed"
-            else:
-                reply = "Success\r\nPing: Pong"
-            self.wfile.write(f"Response: {reply}\r\nActionID: {action_id}\r\n\r\n".encode())
+        message: dict[str, str] = {}
+        for raw in self.rfile:
+            line = raw.decode().rstrip("\r\n")
+            if line:
+                key, _, value = line.partition(":")
+                message[key.strip()] = value.strip()
+            elif message:
+                self._reply(message)
+                message = {}
+
+    def _reply(self, message: dict[str, str]) -> None:
+        if message.get("Action") == "Login":
+            self.server.logins.append(message.get("Username", ""))
+            ok = message.get("Secret") == self.server.secret
+            reply = "Success\r\nMessage: Authentication accepted" if ok else "Error\r\nMessage: Authentication failed"
+        else:
+            reply = "Success\r\nPing: Pong"
+        self.wfile.write(f"Response: {reply}\r\nActionID: {message.get('ActionID', '')}\r\n\r\n".encode())
 
 
 @pytest.fixture
@@ -305,7 +307,7 @@ def _agi(tmp_path: Path, recordings: Path, argument: str) -> subprocess.Complete
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONSENT_GATE_")}
     env.update(CONSENT_GATE_HMAC_KEY=SECRETS["CONSENT_GATE_HMAC_KEY"], PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "agi.consent_agi", argument, "--config", str(config)],
-                          input=b"", capture_output=True, env=env, timeout=60)
+                          input=b"", capture_output=True, env=env, timeout=60, check=False)
 
 
 @pytest.mark.parametrize("mode", [0o755, 0o750])
