@@ -24,7 +24,6 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ari_app.main import main as ari_main
 from consent_gate.config import load_settings
 from consent_gate.dialog import CallInfo, GateContext, PromptRef, run_consent_dialog
 from consent_gate.events import Decision
@@ -218,28 +217,24 @@ def ami() -> Iterator[ScriptedAmi]:
 
 
 @pytest.fixture
-def service_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, private: Path, ami: ScriptedAmi) -> dict[str, str]:
-    env = {**SECRETS, "CONSENT_GATE_RECORDINGS_DIR": str(private), "CONSENT_GATE_RECORDINGS_OWNER": str(ME),
-           "CONSENT_GATE_JOURNAL_DIR": str(tmp_path / "journal"), "CONSENT_GATE_AMI_HOST": "127.0.0.1",
-           "CONSENT_GATE_AMI_PORT": str(ami.server_address[1]), "CONSENT_GATE_AMI_USER": "cg-check",
-           "CONSENT_GATE_AMI_SECRET": "right-ami-secret"}
-    for key in list(os.environ):
-        if key.startswith("CONSENT_GATE_"):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+def service_env(tmp_path: Path, private: Path, ami: ScriptedAmi) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONSENT_GATE_")}
+    env.update(SECRETS, PYTHONPATH=str(ROOT), CONSENT_GATE_RECORDINGS_DIR=str(private),
+               CONSENT_GATE_RECORDINGS_OWNER=str(ME), CONSENT_GATE_JOURNAL_DIR=str(tmp_path / "journal"),
+               CONSENT_GATE_AMI_HOST="127.0.0.1", CONSENT_GATE_AMI_PORT=str(ami.server_address[1]),
+               CONSENT_GATE_AMI_USER="cg-check", CONSENT_GATE_AMI_SECRET="right-ami-secret")
     return env
 
 
-def _check_config(capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = ari_main(["--check-config", "--log-format", "console"])
-    out = capsys.readouterr()
-    return code, out.out + out.err
+def _service(env: dict[str, str], *args: str, **changes: str) -> tuple[int, str]:
+    """consent-gate-ari as systemd runs it (a process of its own); its exit code and output."""
+    done = subprocess.run([sys.executable, "-m", "ari_app.main", "--log-format", "console", *args],
+                          env={**env, **changes}, capture_output=True, text=True, timeout=60, check=False)
+    return done.returncode, done.stdout + done.stderr
 
 
-def test_check_config_passes_and_leaves_no_probe(service_env: dict[str, str], ami: ScriptedAmi,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    code, output = _check_config(capsys)
+def test_check_config_passes_and_leaves_no_probe(service_env: dict[str, str], ami: ScriptedAmi) -> None:
+    code, output = _service(service_env, "--check-config")
     assert (code, output.strip()) == (0, "configuration ok")
     assert ami.logins == ["cg-check"]  # it did log in
     assert list(Path(service_env["CONSENT_GATE_JOURNAL_DIR"]).iterdir()) == []
@@ -247,7 +242,7 @@ def test_check_config_passes_and_leaves_no_probe(service_env: dict[str, str], am
 
 @pytest.mark.parametrize("damage", ["chmod", "chown", "missing"])
 def test_check_config_and_start_up_fail_naming_the_directory(
-    service_env: dict[str, str], private: Path, capsys: pytest.CaptureFixture[str], damage: str,
+    service_env: dict[str, str], private: Path, ami: ScriptedAmi, damage: str,
 ) -> None:
     if damage == "chmod":
         private.chmod(0o755)
@@ -255,45 +250,37 @@ def test_check_config_and_start_up_fail_naming_the_directory(
         os.chown(private, 54321, -1)
     else:
         shutil.rmtree(private)
-    code, output = _check_config(capsys)
+    code, output = _service(service_env, "--check-config")
     assert code == 2 and f"recordings.dir {private}" in output
     # Without --check-config the service refuses to start the same way (before any connection).
-    assert ari_main(["--log-format", "console"]) == 2
-    assert f"recordings.dir {private}" in capsys.readouterr().err
+    code, output = _service(service_env)
+    assert code == 2 and f"recordings.dir {private}" in output
+    assert ami.logins == []
 
 
 def test_check_config_fails_on_a_refused_ami_login_without_showing_the_secret(
-    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, ami: ScriptedAmi,
-    capsys: pytest.CaptureFixture[str],
+    service_env: dict[str, str], ami: ScriptedAmi,
 ) -> None:
-    monkeypatch.setenv("CONSENT_GATE_AMI_SECRET", "wrong-ami-secret")
-    code, output = _check_config(capsys)
+    code, output = _service(service_env, "--check-config", CONSENT_GATE_AMI_SECRET="wrong-ami-secret")
     assert code == 2
     assert f"ami: cannot log in to 127.0.0.1:{ami.server_address[1]} as 'cg-check'" in output
     assert "Authentication failed" in output
     assert "wrong-ami-secret" not in output and "right-ami-secret" not in output
 
 
-def test_check_config_fails_when_ami_does_not_answer(
-    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_check_config_fails_when_ami_does_not_answer(service_env: dict[str, str]) -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # bound, never listening: connection refused
-        monkeypatch.setenv("CONSENT_GATE_AMI_PORT", str(port))
-        code, output = _check_config(capsys)
+        code, output = _service(service_env, "--check-config", CONSENT_GATE_AMI_PORT=str(port))
     assert code == 2 and f"ami: cannot log in to 127.0.0.1:{port} as 'cg-check'" in output
     assert "right-ami-secret" not in output
 
 
-def test_check_config_fails_when_the_journal_is_not_writable(
-    service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_check_config_fails_when_the_journal_is_not_writable(service_env: dict[str, str], tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")  # root ignores modes: a path through a file cannot be created by anyone
-    monkeypatch.setenv("CONSENT_GATE_JOURNAL_DIR", str(blocker / "journal"))
-    code, output = _check_config(capsys)
+    code, output = _service(service_env, "--check-config", CONSENT_GATE_JOURNAL_DIR=str(blocker / "journal"))
     assert code == 2 and f"ledger.journal_dir {blocker / 'journal'}: not writable" in output
 
 
