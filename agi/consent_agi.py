@@ -41,6 +41,7 @@ from consent_gate.journal import Journal
 from consent_gate.ledger import Ledger
 from consent_gate.logging import configure_logging
 from consent_gate.prompts import PromptCatalog, PromptError
+from consent_gate.recordings import check_private_dir
 from consent_gate.retention import RECORDING_FILE_SUFFIXES, delete_recording_files, recording_files
 
 log = structlog.get_logger(__name__)
@@ -213,8 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # AGI speaks on stdout; logs go to stderr (Asterisk's console), never caller data to a shell.
     configure_logging("json")
+    midcall = parse_midcall(args.purpose)
     try:
         settings = load_settings(args.config, require_ari=False)
+        if midcall is None or midcall[0] is Action.RESUME:
+            # Only what may start MixMonitor is refused: withdrawing and pausing always work.
+            # The script runs as the Asterisk user, so the directory must be its own.
+            check_private_dir(settings.recordings_dir, os.geteuid())
     except ConfigError as error:
         print(f"consent-gate-agi: {error}", file=sys.stderr)
         return 2
@@ -224,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     # pyst2 echoes the whole AGI environment (caller ID included) to stderr: silence it.
     agi = AGI(stdin=stdin, stdout=sys.stdout, stderr=open(os.devnull, "w"))
     try:
-        midcall = parse_midcall(args.purpose)
         if midcall is not None:
             asyncio.run(run_midcall(settings, agi, *midcall))
         else:

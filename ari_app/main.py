@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
-import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -25,10 +25,11 @@ from consent_gate.journal import Journal
 from consent_gate.ledger import Ledger
 from consent_gate.logging import configure_logging
 from consent_gate.prompts import PromptCatalog, PromptError
+from consent_gate.recordings import check_private_dir, owner_uid
 
 from . import metrics
+from .ami import AmiClient, AmiConfig, AmiError
 from .app import ConsentGateApp
-from .ami import AmiClient, AmiConfig
 from .transport import AriClient, AriConfig
 
 log = structlog.get_logger(__name__)
@@ -39,6 +40,40 @@ def check_prompts(settings: Settings, catalog: PromptCatalog) -> None:
     needed = {p.prompt for p in settings.purposes.values()} | {"invalid", "granted", "declined"}
     for name in sorted(needed):
         catalog.version(settings.default_language, name)
+
+
+def check_recordings_dir(settings: Settings) -> None:
+    """Refuse to run unless MixMonitor's directory is private to the Asterisk user."""
+    check_private_dir(settings.recordings_dir, owner_uid(settings.recordings_owner))
+
+
+def check_journal_writable(directory: Path) -> None:
+    """The journal is the fallback while PostgreSQL is down: prove now that a write reaches the
+    disk there (create, fsync, remove a probe file), not on the first outage."""
+    probe = directory / f".check-config-{os.getpid()}"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, b"probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"ledger.journal_dir {directory}: not writable ({error.strerror})") from None
+
+
+async def check_ami_login(settings: Settings) -> None:
+    """Log in to AMI once (mid-call withdrawal depends on it); the error never shows the secret."""
+    ami = AmiClient(AmiConfig(settings.ami_host, settings.ami_port, settings.ami_user, settings.ami_secret or ""))
+    try:
+        await ami.action("Ping")
+    except AmiError as error:
+        raise ConfigError(f"ami: cannot log in to {settings.ami_host}:{settings.ami_port} as "
+                          f"{settings.ami_user!r}: {error}") from None
+    finally:
+        await ami.close()
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -89,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         if not settings.ami_secret:
             # Withdrawal must be as easy as consent: without AMI the service could not stop a recording.
             raise ConfigError("ami.secret: mid-call withdrawal needs AMI; set CONSENT_GATE_AMI_SECRET or *_FILE")
+        check_recordings_dir(settings)
         if args.check_config:
             check_prompts(settings, PromptCatalog.load(settings.prompts_dir))
+            check_journal_writable(settings.journal_dir)
+            asyncio.run(check_ami_login(settings))
             print("configuration ok")
             return 0
     except (ConfigError, PromptError) as error:

@@ -6,6 +6,7 @@ Errors name the bad key and the file, e.g. ``consent-gate.toml: purposes.trainin
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -27,16 +28,20 @@ _SECTION_KEYS: dict[str, frozenset[str] | None] = {
     "ari": frozenset({"url", "username", "password_file", "app"}),
     "ledger": frozenset({"dsn", "journal_dir", "record_when_journaled", "write_timeout"}),
     "privacy": frozenset({"hmac_key_file", "store_raw_number"}),
-    "recordings": frozenset({"dir"}),
+    "recordings": frozenset({"dir", "owner"}),
     "prompts": frozenset({"dir", "asterisk_dir", "default_language"}),
     "dialog": frozenset({"accept_key", "decline_key", "reciprocal_key", "digit_timeout", "repeats",
                          "withdraw_code", "caller_records_code", "pause_code", "resume_code",
                          "pause_limit", "caller_may_pause", "code_timeout"}),
     "ami": frozenset({"host", "port", "username", "secret_file"}),
     "purposes": None,
-    "api": frozenset({"listen", "token_file"}),
+    "api": frozenset({"listen", "token_file", "allow_remote"}),
 }
 _LANGUAGE = re.compile(r"^[a-z]{2}$")
+# prompts.asterisk_dir goes into STREAM FILE / Playback arguments and into CONSENT_RESULT (":"
+# separated); the dialplan plays a confirmation only if it matches ^/[a-zA-Z0-9/_.-]{1,200}$.
+_ASTERISK_DIR = re.compile(r"^/[A-Za-z0-9/_.-]{0,150}$")
+_USER = re.compile(r"^([a-z_][a-z0-9_-]{0,31}|[0-9]{1,10})$")
 
 
 class ConfigError(ValueError):
@@ -82,13 +87,14 @@ DEFAULT_PURPOSES = {
 
 @dataclass(frozen=True)
 class Settings:
+    # repr=False on every secret (a DSN may hold a password): settings end up in logs and tracebacks.
     ari_url: str
     ari_user: str
-    ari_password: str
+    ari_password: str = field(repr=False)
     ari_app: str
-    database_dsn: str
+    database_dsn: str = field(repr=False)
     journal_dir: Path
-    hmac_key: bytes
+    hmac_key: bytes = field(repr=False)
     recordings_dir: Path
     prompts_dir: Path
     asterisk_prompts_dir: str
@@ -101,11 +107,15 @@ class Settings:
     # Data-subject HTTP API (consent_gate/api.py); its token is read only when the API starts.
     api_listen: str = "127.0.0.1:8089"
     api_token_file: str | None = None
+    # The API erases recordings: listening beyond loopback must be asked for explicitly.
+    api_allow_remote: bool = False
     # AMI (loopback) for stopping and muting MixMonitor mid-call; the secret only from env/file.
     ami_host: str = "127.0.0.1"
     ami_port: int = 5038
     ami_user: str = "consent-gate"
-    ami_secret: str | None = None
+    ami_secret: str | None = field(default=None, repr=False)
+    # The user Asterisk runs as: it must own recordings_dir (mode 0700), see consent_gate/recordings.py.
+    recordings_owner: str = "asterisk"
 
     def purpose(self, name: str) -> Purpose | None:
         return self.purposes.get(name)
@@ -288,10 +298,12 @@ def load_settings(
             else dict(DEFAULT_PURPOSES),
             api_listen=pick("CONSENT_GATE_API_LISTEN", api, "listen", "api", "127.0.0.1:8089"),
             api_token_file=_get(api, "token_file", str, f"{name}: api", None),
+            api_allow_remote=_get(api, "allow_remote", bool, f"{name}: api", False),
             ami_host=pick("CONSENT_GATE_AMI_HOST", ami, "host", "ami", "127.0.0.1"),
             ami_port=_port(env.get("CONSENT_GATE_AMI_PORT") or ami.get("port", 5038), f"{name}: ami.port"),
             ami_user=pick("CONSENT_GATE_AMI_USER", ami, "username", "ami", "consent-gate"),
             ami_secret=_optional_secret(env, "CONSENT_GATE_AMI_SECRET", ami.get("secret_file"), f"{name}: ami.secret"),
+            recordings_owner=pick("CONSENT_GATE_RECORDINGS_OWNER", recordings, "owner", "recordings", "asterisk"),
         )
     except ConfigError:
         raise
@@ -304,4 +316,23 @@ def load_settings(
     host, _, port = settings.api_listen.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"{name}: api.listen: {settings.api_listen!r} is not host:port")
+    if not _is_loopback(host) and not settings.api_allow_remote:
+        raise ConfigError(f"{name}: api.listen: {host!r} is not a loopback address; the API exports and "
+                          "erases recordings: keep it on 127.0.0.1 behind a TLS proxy, or set "
+                          "api.allow_remote = true")
+    if not _ASTERISK_DIR.match(settings.asterisk_prompts_dir):
+        raise ConfigError(f"{name}: prompts.asterisk_dir: {settings.asterisk_prompts_dir!r} must be an absolute "
+                          "path of at most 150 letters, digits and / _ . - (a ':', ',' or space would break the "
+                          "dialplan's and AGI's arguments); set prompts.asterisk_dir")
+    if not _USER.match(settings.recordings_owner):
+        raise ConfigError(f"{name}: recordings.owner: {settings.recordings_owner!r} is not a user name or uid")
     return settings
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere

@@ -22,6 +22,7 @@ from .config import Purpose, Settings
 from .contract import RESULT_FIELDS, RESULT_SEPARATOR, RESULT_VARIABLE  # noqa: F401 (re-exported)
 from .events import ConsentEvent, Decision, EventKind, caller_reference, new_id, new_recording_id, utcnow
 from .ledger import Durability, Ledger
+from .recordings import recordings_dir_problem
 
 log = structlog.get_logger(__name__)
 
@@ -305,6 +306,9 @@ async def _store(
     """Write the decision; only a durably stored grant may record."""
     settings = gate.settings
     decision = state.decision or Decision.UNAVAILABLE
+    if decision in (Decision.GRANTED, Decision.NOTIFIED) and (unsafe := recordings_dir_problem(settings)):
+        log.error("consent.recordings_dir_not_private", call_id=call.call_id, problem=unsafe)  # fail closed
+        decision, state.failure = Decision.UNAVAILABLE, unsafe
     wants_recording = decision in (Decision.GRANTED, Decision.NOTIFIED)
     recording_id = (state.planned_recording_id or new_recording_id()) if wants_recording else None
 

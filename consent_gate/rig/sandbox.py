@@ -38,6 +38,8 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "asterisk_etc"
 DIALPLAN_DIR = PROJECT_DIR / "dialplan"
 PROMPTS_SOUNDS_DIR = PROJECT_DIR / "prompts" / "sounds"
 COMPOSE_FILE = PROJECT_DIR / "docker-compose.asterisk.yml"
+# The systemd drop-in shipped for Asterisk: the sandbox starts Asterisk with its UMask.
+ASTERISK_DROP_IN = PROJECT_DIR / "deploy" / "asterisk.service.d" / "consent-gate.conf"
 
 SID_MIRROR = "http://deb.debian.org/debian"
 # Bump ROOT_FORMAT when the package list changes: an older cached root is then rebuilt.
@@ -80,6 +82,8 @@ class SandboxSettings:
     ari_user: str = "consent-gate"
     ami_user: str = "consent-gate"
     agi_command: str = ""
+    # Asterisk's umask; None: the UMask= of the shipped drop-in (what a deployed Asterisk gets).
+    umask: int | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> "SandboxSettings":
@@ -140,6 +144,14 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def drop_in_umask(path: Path = ASTERISK_DROP_IN) -> int:
+    """The UMask= that deploy/asterisk.service.d/consent-gate.conf gives Asterisk."""
+    for line in path.read_text().splitlines():
+        if line.startswith("UMask="):
+            return int(line.removeprefix("UMask="), 8)
+    raise SandboxError(f"{path}: no UMask= line")
 
 
 def _run(cmd: list[str], *, timeout: float, what: str, env: dict[str, str] | None = None) -> str:
@@ -260,12 +272,13 @@ class ChrootProvider:
 
     def start(self, settings: SandboxSettings, state: SandboxState, log_path: Path) -> None:
         state.mounts = self._mount(self.root)
+        umask = drop_in_umask() if settings.umask is None else settings.umask
         with open(log_path, "ab") as console_log:
-            # umask 077: recordings and logs are created 0600 (not world-readable).
+            # As the drop-in (UMask=0077): recordings and logs are created 0600, not world-readable.
             process = subprocess.Popen(
                 [*self._asterisk_cmd(settings), "-f"],
                 stdin=subprocess.DEVNULL, stdout=console_log, stderr=subprocess.STDOUT,
-                start_new_session=True, umask=0o077,
+                start_new_session=True, umask=umask,
             )
         state.pid = process.pid
 
@@ -408,6 +421,12 @@ class AsteriskSandbox:
         return self.host_dir / "recordings"
 
     @property
+    def asterisk_user(self) -> str:
+        """The uid Asterisk runs as (recordings.owner): the user who started the sandbox (root;
+        the docker image's Asterisk is root too)."""
+        return str(os.geteuid())
+
+    @property
     def full_log(self) -> Path:
         return self.host_dir / "log" / "full"
 
@@ -544,7 +563,7 @@ class AsteriskSandbox:
             "# Written by the consent-gate sandbox for the AGI script.\n"
             f"[ledger]\ndsn = {dsn!r}\njournal_dir = {str(inside / 'journal')!r}\n\n"
             f"[privacy]\nhmac_key_file = {str(inside / 'etc' / 'hmac.key')!r}\n\n"
-            f"[recordings]\ndir = {str(inside / 'recordings')!r}\n\n"
+            f"[recordings]\ndir = {str(inside / 'recordings')!r}\nowner = {self.asterisk_user!r}\n\n"
             f"[prompts]\ndir = {str(inside / 'sounds' / 'consent-gate')!r}\n"
             f"asterisk_dir = {str(inside / 'sounds' / 'consent-gate')!r}\n" + extra
         )
@@ -602,6 +621,7 @@ class AsteriskSandbox:
             "CONSENT_GATE_SIP_DOMAIN": self.sip_domain,
             "CONSENT_GATE_SIP_PASSWORD": self.state.sip_password,
             "CONSENT_GATE_RECORDINGS_DIR": str(self.recordings_dir),
+            "CONSENT_GATE_RECORDINGS_OWNER": self.asterisk_user,
             "CONSENT_GATE_ASTERISK_SOUNDS_DIR": str(self.inside_dir / "sounds" / "consent-gate"),
             "CONSENT_GATE_SANDBOX_DIR": str(self.host_dir),
         }

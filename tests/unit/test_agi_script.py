@@ -149,8 +149,11 @@ def agi_rig(pg_dsn: str, tmp_path: Path) -> AgiRig:
 def _rig(dsn: str, tmp_path: Path) -> AgiRig:
     journal = tmp_path / "journal"
     config = tmp_path / "consent-gate.toml"
+    recordings = tmp_path / "recordings"  # the script refuses to start unless it is private
+    recordings.mkdir(mode=0o700)
     config.write_text(
         f"[ledger]\ndsn = {json.dumps(dsn)}\njournal_dir = {json.dumps(str(journal))}\n"
+        f"[recordings]\ndir = {json.dumps(str(recordings))}\nowner = \"{os.geteuid()}\"\n"
         f"[prompts]\ndir = {json.dumps(str(ROOT / 'prompts' / 'sounds'))}\nasterisk_dir = \"{SOUNDS}\"\n"
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONSENT_GATE_")}

@@ -217,3 +217,55 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
     assert str(path) in error_of(path)
+
+
+# -- issue 16, case 12: secrets out of repr, arguments that break the dialplan, remote API ------
+
+def test_repr_and_str_show_no_secret(tmp_path: Path) -> None:
+    secrets = {"CONSENT_GATE_HMAC_KEY": "hmac-secret-value-0123456789",
+               "CONSENT_GATE_ARI_PASSWORD": "ari-secret-value",
+               "CONSENT_GATE_AMI_SECRET": "ami-secret-value",
+               "CONSENT_GATE_DSN": "postgresql://gate:dsn-secret-value@db.example/consent_gate"}
+    settings = load_settings(None, env=secrets)
+    assert settings.ami_secret == "ami-secret-value"  # loaded, only not shown
+    for text in (repr(settings), str(settings)):
+        for value in secrets.values():
+            assert value not in text and "dsn-secret-value" not in text, text
+    assert "ari_url=" in repr(settings)  # the rest is still there for debugging
+
+
+@pytest.mark.parametrize("value", ["/srv/sounds:x", "/srv/so,unds", "/srv/my sounds", "relative/sounds",
+                                   "/srv/$(id)", "/srv/" + "a" * 200])
+def test_asterisk_dir_that_breaks_dialplan_arguments_is_refused(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"[prompts]\nasterisk_dir = {value!r}\n")
+    message = error_of(path)
+    assert "prompts.asterisk_dir" in message and str(path) in message, message
+    # The environment override is checked the same way.
+    assert "prompts.asterisk_dir" in error_of(None, {**SECRETS, "CONSENT_GATE_ASTERISK_SOUNDS_DIR": value})
+
+
+def test_a_normal_asterisk_dir_loads(tmp_path: Path) -> None:
+    path = write(tmp_path, '[prompts]\nasterisk_dir = "/usr/share/asterisk/sounds/consent-gate_v2.1"\n')
+    assert load_settings(path, env=SECRETS).asterisk_prompts_dir == "/usr/share/asterisk/sounds/consent-gate_v2.1"
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8089", "192.168.1.10:8089", "[::]:8089", "crm.example:8089"])
+def test_api_on_a_non_loopback_address_needs_allow_remote(tmp_path: Path, listen: str) -> None:
+    message = error_of(write(tmp_path, f'[api]\nlisten = "{listen}"\n'))
+    assert "api.listen" in message and "api.allow_remote = true" in message, message
+    assert "api.listen" in error_of(None, {**SECRETS, "CONSENT_GATE_API_LISTEN": listen})
+    allowed = load_settings(write(tmp_path, f'[api]\nlisten = "{listen}"\nallow_remote = true\n'), env=SECRETS)
+    assert allowed.api_listen == listen and allowed.api_allow_remote is True
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8089", "127.0.0.2:9000", "[::1]:8089", "localhost:8089"])
+def test_api_on_loopback_needs_nothing(tmp_path: Path, listen: str) -> None:
+    settings = load_settings(write(tmp_path, f'[api]\nlisten = "{listen}"\n'), env=SECRETS)
+    assert settings.api_listen == listen and settings.api_allow_remote is False
+
+
+def test_recordings_owner(tmp_path: Path) -> None:
+    assert load_settings(None, env=SECRETS).recordings_owner == "asterisk"
+    assert load_settings(write(tmp_path, '[recordings]\nowner = "pbx"\n'), env=SECRETS).recordings_owner == "pbx"
+    assert load_settings(None, env={**SECRETS, "CONSENT_GATE_RECORDINGS_OWNER": "101"}).recordings_owner == "101"
+    assert "recordings.owner" in error_of(write(tmp_path, '[recordings]\nowner = "bad user"\n'))

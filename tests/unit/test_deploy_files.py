@@ -209,3 +209,34 @@ def test_the_documented_recordings_directory_lets_the_tools_group_read_new_files
     info = recording.stat()
     assert oct(info.st_mode & 0o7777) == oct(0o640) and info.st_gid == directory.stat().st_gid
     assert retention.recordings_dir_problem(directory) is None
+
+ASTERISK_DROP_IN = ROOT / "deploy" / "asterisk.service.d" / "consent-gate.conf"
+
+
+def test_asterisk_drop_in_sets_a_private_umask() -> None:
+    """MixMonitor creates files 0666 & ~umask: Asterisk must run with UMask=0077 (issue 16, case 7)."""
+    text = ASTERISK_DROP_IN.read_text()
+    assert re.search(r"(?m)^\[Service\]$", text)
+    assert _unit(ASTERISK_DROP_IN)["UMask"] == ["0077"]
+    # The comments say where it goes and how the directory is made.
+    assert "/etc/systemd/system/asterisk.service.d/consent-gate.conf" in text
+    assert "install -d -m 0700 -o asterisk -g asterisk" in text
+
+
+def test_asterisk_drop_in_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    unit = tmp_path / "asterisk.service"
+    unit.write_text(f"[Unit]\nDescription=stand-in for Asterisk\n[Service]\nExecStart={shutil.which('true')}\n")
+    drop_in = tmp_path / "asterisk.service.d"
+    drop_in.mkdir()
+    shutil.copy(ASTERISK_DROP_IN, drop_in / "consent-gate.conf")
+    # Drop-ins are read from the unit search path (a trailing ":" keeps the built-in paths).
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{tmp_path}:")
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "consent-gate.conf" not in done.stderr, done.stderr
+
+
+def test_example_recordings_dir_is_the_units_and_owned_by_asterisk() -> None:
+    settings = load_settings(EXAMPLE, env=SECRET_ENV)
+    assert settings.recordings_owner == "asterisk" and settings.api_allow_remote is False

@@ -12,7 +12,9 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -61,6 +63,9 @@ def make_settings(**changes: Any) -> Settings:
         "CONSENT_GATE_ARI_PASSWORD": "pw",
         "CONSENT_GATE_PROMPTS_DIR": str(SOUNDS),
         "CONSENT_GATE_ASTERISK_SOUNDS_DIR": ASTERISK_SOUNDS,
+        # A grant is handed back only for a private recordings directory (mkdtemp: 0700, ours).
+        "CONSENT_GATE_RECORDINGS_DIR": tempfile.mkdtemp(prefix="consent-gate-rec-"),
+        "CONSENT_GATE_RECORDINGS_OWNER": str(os.geteuid()),
     })
     return dataclasses.replace(base, **changes)
 
