@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -171,6 +172,7 @@ def make_settings(tmp_path: Path, **changes: Any) -> Settings:
         "CONSENT_GATE_PROMPTS_DIR": str(SOUNDS),
         "CONSENT_GATE_ASTERISK_SOUNDS_DIR": "/var/lib/asterisk/sounds/consent-gate/",
         "CONSENT_GATE_RECORDINGS_DIR": str(recordings),
+        "CONSENT_GATE_RECORDINGS_OWNER": str(os.geteuid()),
     })
     return dataclasses.replace(base, **changes)
 

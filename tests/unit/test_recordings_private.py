@@ -112,6 +112,9 @@ class KeyOnePort:
     async def wait_key(self, timeout: float) -> str | None:
         return None
 
+    async def discard_keys(self) -> None:
+        pass
+
 
 @pytest.fixture
 async def ledger(pg_dsn: str, tmp_path: Path) -> AsyncIterator[Ledger]:

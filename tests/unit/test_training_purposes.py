@@ -138,6 +138,8 @@ async def rig(db: str, tmp_path: Path) -> AsyncIterator[Rig]:
         "CONSENT_GATE_ARI_PASSWORD": "pw",
         "CONSENT_GATE_PROMPTS_DIR": str(SOUNDS),
         "CONSENT_GATE_ASTERISK_SOUNDS_DIR": "/var/lib/asterisk/sounds/consent-gate/",
+        "CONSENT_GATE_RECORDINGS_DIR": str(tmp_path / "recordings"),
+        "CONSENT_GATE_RECORDINGS_OWNER": str(os.geteuid()),
     }), purposes=PURPOSES)
     ledger = Ledger(db, Journal(tmp_path / "journal"), write_timeout=5.0)
     recordings = tmp_path / "recordings"
