@@ -146,18 +146,24 @@ def delete_recording_files(paths: Iterable[Path]) -> list[str]:
 
 
 def recordings_dir_problem(directory: Path) -> str | None:
-    """Why the recordings directory is not private, or None.  Private: nothing for others, and
-    group bits only for the tools' own group (README "Production install": the sweeper and the
-    API run as consent-gate-admin, the directory is asterisk:consent-gate-admin 2770)."""
+    """Why the recordings directory is not private, or None.  Private is what the gate itself
+    requires (issue 16, case 7): a real directory with mode exactly 0700 -- no group or other
+    bits, no setgid left over from a shared-group setup.  The tools need no group access: they
+    reach it with CAP_DAC_OVERRIDE (deploy/consent-gate-retention.service).  A missing directory
+    is not a problem here (nothing to delete); the gate refuses to start without one."""
     try:
-        info = os.stat(directory)
+        info = os.lstat(directory)
     except FileNotFoundError:
         return None
+    fix = f"install -d -m 0700 -o asterisk -g asterisk {directory}"
+    if stat.S_ISLNK(info.st_mode):
+        return f"{directory} is a symbolic link; name the real directory (and the same in the dialplan)"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a directory; create it: {fix}"
     mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o007:
-        return f"mode {mode:04o} gives others access"
-    if mode & 0o070 and info.st_gid != os.getegid():
-        return f"mode {mode:04o} gives group {info.st_gid} access, which is not this process's group"
+    if mode != 0o700:
+        # "00700": GNU chmod keeps a directory's setgid bit on "chmod 0700".
+        return f"mode {mode:04o} is not 0700 (group and others must have no access); fix: chmod 00700 {directory}"
     return None
 
 

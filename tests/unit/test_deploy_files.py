@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from consent_gate import config, retention
 from consent_gate.config import DEFAULT_PURPOSES, load_settings
@@ -87,15 +89,20 @@ def test_unit_is_hardened_and_reads_secrets_as_credentials() -> None:
     assert unit["ProtectSystem"] == ["strict"]
     assert unit["UMask"] == ["0077"]
     assert unit["NoNewPrivileges"] == ["yes"]
-    assert unit["User"] == ["consent-gate"] or unit.get("DynamicUser") == ["yes"]
+    # asterisk: it deletes a withdrawn recording at once in asterisk's 0700 directory (case 7).
+    assert unit["User"] == ["asterisk"] and unit["Group"] == ["asterisk"]
+    assert unit["CapabilityBoundingSet"] == [""] and unit["AmbientCapabilities"] == [""]
     example = tomllib.loads(EXAMPLE.read_text())
-    assert unit["ReadWritePaths"] == [example["ledger"]["journal_dir"]]
+    assert unit["ReadWritePaths"] == [example["ledger"]["journal_dir"], example["recordings"]["dir"]]
+    # Only the journal leaf is created for asterisk (not /var/lib/consent-gate: training copies).
+    assert unit["StateDirectory"] == ["consent-gate/journal"]
     assert unit["IPAddressAllow"] == ["localhost"]
     credentials = {value.split(":", 1)[0] for value in unit["LoadCredential"]}
-    assert credentials == {"ari-password", "hmac-key"}
+    assert credentials == {"ari-password", "hmac-key", "ami-secret"}
     environment = unit["Environment"]
     assert "CONSENT_GATE_ARI_PASSWORD_FILE=%d/ari-password" in environment
     assert "CONSENT_GATE_HMAC_KEY_FILE=%d/hmac-key" in environment
+    assert "CONSENT_GATE_AMI_SECRET_FILE=%d/ami-secret" in environment
     # No secret value in the unit itself.
     assert not [e for e in environment if re.match(r"CONSENT_GATE_\w*(PASSWORD|KEY|SECRET)=", e)]
     assert all("--config /etc/consent-gate/consent-gate.toml" in cmd for cmd in unit["ExecStart"] + unit["ExecStartPre"])
@@ -155,15 +162,18 @@ def test_the_tools_never_run_as_asterisk_and_have_their_own_database_role() -> N
         assert unit["ReadWritePaths"] == [str(load_settings(EXAMPLE, env=SECRET_ENV).recordings_dir)], path.name
     # The gate keeps its INSERT-only role: no admin credential, not the tools' user.
     gate = _unit(UNIT)
-    assert gate["User"] == ["consent-gate"]
+    assert gate["User"] == ["asterisk"]
     assert not [c for c in gate["LoadCredential"] if c.startswith("admin-pgpass")]
     assert not [e for e in gate["Environment"] if e.startswith(("PGUSER=", "PGPASSFILE="))]
     # The shared DSN names no user, so each unit's own role applies.
     dsn = tomllib.loads(EXAMPLE.read_text())["ledger"]["dsn"]
     assert "@" not in dsn and "user=" not in dsn
-    # Nothing in deploy/ runs as asterisk.
+    # Of deploy/'s units only the gate runs as asterisk, and only the tools load the admin credential.
     for path in sorted((ROOT / "deploy").glob("*.service")):
-        assert _unit(path).get("User") != ["asterisk"], path.name
+        unit = _unit(path)
+        assert (unit.get("User") == ["asterisk"]) == (path == UNIT), path.name
+        admin = [c for c in unit.get("LoadCredential", []) if "admin-pgpass" in c]
+        assert bool(admin) == (path in TOOL_UNITS), path.name
 
 
 def test_roles_sql_documents_one_login_role_per_user() -> None:
@@ -185,30 +195,111 @@ def test_retention_unit_and_timer_pass_systemd_analyze_verify(tmp_path: Path) ->
     assert "consent-gate-retention" not in done.stderr, done.stderr
 
 
-def _posix_acl(entries: tuple[tuple[int, int], ...]) -> bytes:
-    """The kernel's xattr form of a POSIX ACL (what setfacl writes): version 2, then tag, perm, id."""
-    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+TOOLS_CAPABILITY = "CAP_DAC_OVERRIDE"
 
 
-def test_the_documented_recordings_directory_lets_the_tools_group_read_new_files(tmp_path: Path) -> None:
-    """README: install -d -m 2770 -o asterisk -g consent-gate-admin + setfacl -d -m u::rw,g::r,o::-.
-    A file created the way MixMonitor does (mode 0666, Asterisk's umask 0077) must come out 0640
-    in the tools' group, and the sweeper must accept the directory as private."""
+def test_the_tools_reach_the_private_recordings_with_one_fenced_capability() -> None:
+    """No group, no ACL on the 0700 recordings directory: the tools' units grant CAP_DAC_OVERRIDE
+    and nothing else, and fence it in (read-only system, only the recordings writable, Asterisk's
+    and the gate's secrets hidden; the settings in /etc/consent-gate stay readable)."""
+    recordings = str(load_settings(EXAMPLE, env=SECRET_ENV).recordings_dir)
+    for path in TOOL_UNITS:
+        unit = _unit(path)
+        assert unit["AmbientCapabilities"] == [TOOLS_CAPABILITY], path.name
+        assert unit["CapabilityBoundingSet"] == [TOOLS_CAPABILITY], path.name
+        assert unit["NoNewPrivileges"] == ["yes"] and unit["ProtectSystem"] == ["strict"], path.name
+        assert unit["ProtectHome"] == ["yes"] and unit["PrivateTmp"] == ["yes"], path.name
+        assert unit["ReadWritePaths"] == [recordings], path.name
+        assert unit["UMask"] == ["0077"], path.name
+        hidden = {entry.lstrip("-") for line in unit["InaccessiblePaths"] for entry in line.split()}
+        assert {"/etc/asterisk", "/var/lib/asterisk", "/var/lib/consent-gate/journal", "/etc/shadow",
+                "/etc/consent-gate/ari-password", "/etc/consent-gate/ami-secret"} <= hidden, path.name
+        needed = ("/etc/consent-gate/consent-gate.toml", recordings, "/run/postgresql")
+        assert not [h for h in hidden for n in needed if n == h or n.startswith(h.rstrip("/") + "/")], path.name
+        assert "SupplementaryGroups" not in unit or "asterisk" not in unit["SupplementaryGroups"][0].split()
+
+
+def _systemd_run_properties(readme: str) -> dict[str, list[str]]:
+    block = readme[readme.index("systemd-run --pipe"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    properties: dict[str, list[str]] = {}
+    for value in re.findall(r'-p ("[^"]*"|\S+)', block):
+        key, _, setting = value.strip('"').partition("=")
+        properties.setdefault(key, []).append(setting)
+    return properties
+
+
+def test_the_readme_creates_the_recordings_directory_as_the_gate_requires() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert "install -d -m 2770 -o asterisk -g consent-gate-admin /var/spool/asterisk/consent-gate" in readme
-    assert "setfacl -d -m u::rw,g::r,o::- /var/spool/asterisk/consent-gate" in readme
-    directory = tmp_path / "recordings"
-    directory.mkdir()
-    os.chown(directory, -1, os.getegid())  # stands for consent-gate-admin: the group the tools run as
-    directory.chmod(0o2770)
-    os.setxattr(directory, "system.posix_acl_default", _posix_acl(((0x01, 6), (0x04, 4), (0x20, 0))))
-    recording = directory / ("a" * 32 + ".wav")
-    create = ("import os, sys; os.umask(0o077); "
-              "os.close(os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o666))")
-    subprocess.run([sys.executable, "-c", create, str(recording)], check=True, timeout=30)
-    info = recording.stat()
-    assert oct(info.st_mode & 0o7777) == oct(0o640) and info.st_gid == directory.stat().st_gid
-    assert retention.recordings_dir_problem(directory) is None
+    install = readme[readme.index("## Production install"):readme.index("## Design in one screen")]
+    assert "install -d -m 0700 -o asterisk -g asterisk /var/spool/asterisk/consent-gate" in install
+    assert "deploy/asterisk.service.d/consent-gate.conf" in install
+    # The shared-group setup is gone everywhere an admin reads.
+    for path in [ROOT / "README.md", ROOT / "dialplan" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                 *sorted((ROOT / "deploy").glob("consent-gate*"))]:
+        text = path.read_text()
+        assert "setfacl" not in text and "2770" not in text and "asterisk:consent-gate-admin" not in text, path.name
+    # The admin CLI's transient unit runs like the tools' units: their user, their one capability,
+    # the same fence.
+    cli = _systemd_run_properties(install)
+    api = _unit(API_UNIT)
+    for key in ("User", "AmbientCapabilities", "CapabilityBoundingSet", "NoNewPrivileges", "ProtectSystem",
+                "ProtectHome", "PrivateTmp", "UMask"):
+        assert cli[key] == api[key], key
+    assert cli["ReadWritePaths"][0] == api["ReadWritePaths"][0] and len(cli["ReadWritePaths"]) == 2
+    assert "admin-pgpass:/etc/consent-gate/admin-pgpass" in cli["LoadCredential"]
+    hidden = {entry.lstrip("-") for line in cli["InaccessiblePaths"] for entry in line.split()}
+    assert {"/etc/asterisk", "/var/lib/consent-gate/journal", "/etc/consent-gate/ari-password"} <= hidden
+
+
+def _run_as(uid: int, capabilities: list[str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """argv as uid, with exactly the unit's capabilities (ambient, bounding set) and no_new_privs,
+    the way systemd starts the unit (setpriv does the same system calls)."""
+    caps = "".join(f",+{c.removeprefix('CAP_').lower()}" for c in capabilities if c)
+    command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+               f"--inh-caps=-all{caps}", f"--bounding-set=-all{caps}"]
+    if caps:
+        command.append(f"--ambient-caps=-all{caps}")
+    return subprocess.run([*command, *argv], capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_the_units_can_do_their_work_in_the_private_recordings_directory() -> None:
+    """A recordings directory exactly as case 7 requires (owner 0700, files 0600): the gate, as its
+    owner and with no capability, deletes a withdrawn recording; the tools, another user with the
+    units' capability, list, read and delete there; that user without it can do nothing."""
+    asterisk, tools = 65533, 65534  # stand-ins for asterisk and consent-gate-admin
+    with tempfile.TemporaryDirectory(prefix="consent-gate-recordings-") as parent:
+        os.chmod(parent, 0o711)  # searchable, so only the recordings directory's own mode decides
+        directory = Path(parent) / "recordings"
+        directory.mkdir(mode=0o700)
+        names = [f"{'a' * 32}.wav", f"{'b' * 32}.wav", f"{'c' * 32}.wav"]
+        for name in names:
+            (directory / name).write_bytes(b"RIFF")
+            (directory / name).chmod(0o600)
+            os.chown(directory / name, asterisk, asterisk)
+        os.chown(directory, asterisk, asterisk)
+        assert retention.recordings_dir_problem(directory) is None
+        gate, admin = _unit(UNIT), _unit(API_UNIT)
+
+        withdrawn = _run_as(asterisk, gate["AmbientCapabilities"], "rm", "-f", str(directory / names[0]))
+        assert withdrawn.returncode == 0 and not (directory / names[0]).exists(), withdrawn.stderr
+
+        no_capability = _run_as(tools, [], "cat", str(directory / names[1]))
+        assert no_capability.returncode != 0 and "Permission denied" in no_capability.stderr
+        assert _run_as(tools, [], "rm", "-f", str(directory / names[1])).returncode != 0
+        assert (directory / names[1]).exists()
+
+        listed = _run_as(tools, admin["AmbientCapabilities"], "ls", str(directory))
+        assert listed.returncode == 0 and listed.stdout.split() == names[1:], listed.stderr
+        exported = _run_as(tools, admin["AmbientCapabilities"], "cat", str(directory / names[1]))
+        assert exported.returncode == 0 and exported.stdout == "RIFF", exported.stderr
+        erased = _run_as(tools, admin["AmbientCapabilities"], "rm", "-f", str(directory / names[1]))
+        assert erased.returncode == 0 and not (directory / names[1]).exists(), erased.stderr
+        # The directory is still exactly as private as the gate requires.
+        assert retention.recordings_dir_problem(directory) is None
+        assert os.stat(directory).st_uid == asterisk
+
 
 ASTERISK_DROP_IN = ROOT / "deploy" / "asterisk.service.d" / "consent-gate.conf"
 

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -696,13 +697,24 @@ def test_retention_days_is_bounded_when_the_settings_load(tmp_path: Path, days: 
         load_settings(config, env={"CONSENT_GATE_HMAC_KEY": "k" * 32}, require_ari=False)
 
 
-def test_the_recordings_directory_may_be_shared_with_the_tools_group_only(tmp_path: Path) -> None:
+def test_the_recordings_directory_must_be_0700_as_the_gate_requires(tmp_path: Path) -> None:
+    """Issue 16, case 7: no group or other bits at all (the 2770 shared-group setup is gone; the
+    tools reach the directory with CAP_DAC_OVERRIDE), and the problem says how to fix it."""
     directory = tmp_path / "recordings"
     directory.mkdir()
-    for mode, private in ((0o700, True), (0o2770, True), (0o750, True), (0o755, False), (0o2777, False)):
+    for mode, private in ((0o700, True), (0o2700, False), (0o2770, False), (0o750, False),
+                          (0o710, False), (0o701, False), (0o755, False), (0o2777, False)):
         directory.chmod(mode)
-        assert (retention.recordings_dir_problem(directory) is None) == private, oct(mode)
-    other_group = next(g for g in range(1, 65534) if g != os.getegid())
-    os.chown(directory, -1, other_group)  # root in the tests; the group is not the tools' group
+        problem = retention.recordings_dir_problem(directory)
+        assert (problem is None) == private, oct(mode)
+        if problem is not None:
+            assert f"mode {mode:04o} is not 0700" in problem and f"chmod 00700 {directory}" in problem
+    link = tmp_path / "link"
+    link.symlink_to(directory)
+    directory.chmod(0o700)
+    assert "symbolic link" in (retention.recordings_dir_problem(link) or "")
+    assert retention.recordings_dir_problem(tmp_path / "missing") is None
+    # GNU chmod keeps a directory's setgid bit on "chmod 0700": the hint's "00700" clears it.
     directory.chmod(0o2770)
-    assert "not this process's group" in (retention.recordings_dir_problem(directory) or "")
+    subprocess.run(["chmod", "00700", str(directory)], check=True, timeout=30)
+    assert retention.recordings_dir_problem(directory) is None
