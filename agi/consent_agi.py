@@ -16,6 +16,7 @@ import dataclasses
 import io
 import os
 import re
+import select
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -171,6 +172,30 @@ def read_agi_environment(stream: IO[str], argument: str) -> dict[str, str]:
     return env
 
 
+# Asterisk writes nothing between the environment and the reply to the first command: input
+# already waiting there means the environment ended early (a blank line in caller data) and
+# what follows are forged replies.
+EARLY_INPUT_GRACE_S = 0.02
+
+
+def read_environment_text(fd: int) -> str:
+    """The environment as Asterisk wrote it, read byte by byte so that nothing after its blank
+    line is buffered here (see :func:`input_waiting`)."""
+    data = bytearray()
+    limit = MAX_ENVIRONMENT_LINES * (MAX_ENVIRONMENT_LINE + 1)
+    while not data.endswith(b"\n\n") and data != b"\n" and len(data) < limit:
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        data += byte
+    return data.decode("utf-8", "replace")
+
+
+def input_waiting(fd: int, timeout: float) -> bool:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return bool(ready)
+
+
 def call_info(env: dict[str, str]) -> CallInfo:
     """The call as the environment (checked by :func:`read_agi_environment`) describes it."""
     number = env.get("agi_callerid", "")
@@ -282,8 +307,8 @@ class ChannelConsent:
     purpose: Purpose | None
     consent_id: str | None
     status: str | None
-    recording_id: str | None  # valid, for paths and the ledger
-    recording_id_invalid: bool  # the channel records (or may) but gave no usable id
+    recording_id: str | None  # valid (from CONSENT_RECORDING_ID or MixMonitor's file name)
+    recording_id_invalid: bool  # the channel records (or may), but CONSENT_RECORDING_ID is unusable
     record_legs: bool
     caller_records: bool
     withdrawn: bool
@@ -315,12 +340,12 @@ async def read_channel_consent(port: AgiPort, settings: Settings) -> ChannelCons
     status = parse_status(raw_status)
     if status is None:
         refused("CONSENT_STATUS")
-    recording_id = None
+    recording_id, recording_id_invalid = None, False
     if status is None or status in RECORDING_STATUSES:
-        raw_recording = await var("CONSENT_RECORDING_ID")
-        recording_id = parse_recording_id(raw_recording)
+        recording_id = parse_recording_id(await var("CONSENT_RECORDING_ID"))
         if recording_id is None:
             refused("CONSENT_RECORDING_ID")
+            recording_id_invalid = True
             recording_id = recording_id_from_mixmonitor(await var("MIXMONITOR_FILENAME"), settings.recordings_dir)
     withdrawn_flag = await var("CONSENT_WITHDRAWN")
     if withdrawn_flag not in ("", "1"):
@@ -336,7 +361,7 @@ async def read_channel_consent(port: AgiPort, settings: Settings) -> ChannelCons
         refused("CONSENT_MIXMONITOR_ID")
     return ChannelConsent(
         purpose=purpose, consent_id=consent_id, status=status, recording_id=recording_id,
-        recording_id_invalid=recording_id is None and (status is None or status in RECORDING_STATUSES),
+        recording_id_invalid=recording_id_invalid,
         record_legs=await var("CONSENT_RECORD_LEGS") == "1",
         caller_records=await var("CONSENT_CALLER_RECORDS") == "1",
         withdrawn=withdrawn_flag != "", paused_at=paused_at, mixmonitor_id=mixmonitor_id,
@@ -410,7 +435,7 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
     structlog.contextvars.bind_contextvars(call_id=call.call_id)
     catalog = PromptCatalog.load(settings.prompts_dir)
     recording_id = channel.recording_id
-    if recording_id is None and channel.recording_id_invalid and channel.may_be_recording:
+    if recording_id is None and channel.recording_id_invalid:
         recording_id = UNKNOWN_RECORDING
     state = MidCallState(
         call=call, purpose=channel.purpose, consent_id=channel.consent_id,
@@ -511,17 +536,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from asterisk.agi import AGI  # type: ignore[import-untyped]
 
-    # newline="\n": a "\r" in caller data stays inside its line (and is refused there) instead
-    # of splitting it into a line of its own.
-    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="\n")
+    fd = sys.stdin.fileno()
     try:
-        env = read_agi_environment(stdin, args.purpose)
+        # newline="\n": a "\r" in caller data stays inside its line (and is refused there)
+        # instead of splitting it into a line of its own.
+        env = read_agi_environment(io.StringIO(read_environment_text(fd), newline="\n"), args.purpose)
+        if input_waiting(fd, EARLY_INPUT_GRACE_S):
+            raise AgiInputError("AGI environment: input after its end before any command "
+                                "(a line break in caller data?)")
     except AgiInputError as error:
         # No command is sent: the dialplan's CONSENT_STATUS stays "unavailable".
         log.error("consent.agi_environment_refused", error=str(error))
         return 0
     # pyst2 reads the environment itself: hand it an empty one, then the checked one and the
     # real input.  It also echoes what it reads to stderr: silence it.
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="\n")
     agi = AGI(stdin=io.StringIO("\n"), stdout=sys.stdout, stderr=open(os.devnull, "w"))  # noqa: SIM115 -- open for the process's life
     agi.stdin, agi.env = stdin, env
     try:

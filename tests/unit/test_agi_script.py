@@ -86,7 +86,9 @@ class AgiSession:
             line = self._lines.get(timeout=STEP_TIMEOUT)
         except queue.Empty:
             raise AssertionError(f"no AGI command within {STEP_TIMEOUT} s; so far {self.commands}\n{self.stderr()}") from None
-        if line is not None:
+        if line is None:
+            self._lines.put(None)  # finish() still sees the end
+        else:
             self.commands.append(line)
         return line
 
@@ -596,7 +598,7 @@ async def test_a_comma_in_the_recording_id_never_reaches_mixmonitor(agi_rig: Agi
     """32 characters, but not hex: as a MixMonitor argument the comma would start MixMonitor's
     command argument (run by a shell when recording ends)."""
     channel, _, _ = _recorded_channel(
-        agi_rig, CONSENT_RECORDING_ID="a" * 20 + ",,touch /tmp/x", MIXMONITOR_FILENAME="",
+        agi_rig, CONSENT_RECORDING_ID="a" * 18 + ",,touch /tmp/x", MIXMONITOR_FILENAME="",
         CONSENT_PAUSED_AT="2026-12-01T10:00:00+00:00")
     session, call_id = _midcall(agi_rig, "midcall-resume-agent")
     assert channel.serve(session) == 0, session.stderr()
