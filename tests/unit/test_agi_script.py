@@ -573,7 +573,7 @@ async def test_withdrawal_deletes_and_logs_even_when_stopmixmonitor_fails(agi_ri
 async def test_withdrawal_with_a_malformed_recording_id_still_withdraws(agi_rig: AgiRig, ledger_rows, bad_id: str) -> None:
     """The id on the channel is unusable: MixMonitor's own MIXMONITOR_FILENAME (checked: our
     directory, 32 hex) names the files; the ledger gets ``withdrawn`` either way."""
-    channel, recording_id, consent_id = _recorded_channel(agi_rig, CONSENT_RECORDING_ID=bad_id)
+    channel, recording_id, _ = _recorded_channel(agi_rig, CONSENT_RECORDING_ID=bad_id)
     files = _make_files(agi_rig, recording_id)
     session, call_id = _midcall(agi_rig, "midcall-withdraw-caller")
     assert channel.serve(session) == 0, session.stderr()
