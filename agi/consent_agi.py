@@ -513,7 +513,9 @@ async def _resume_recording(settings: Settings, steps: _Steps, channel: ChannelC
         log.warning("consent.resume_refused", reason="no usable recording id")
         return False
     mix, caller_leg, agent_leg = (settings.recordings_dir / f"{file_id}{suffix}" for suffix in RECORDING_FILE_SUFFIXES)
-    options = f"r({caller_leg})t({agent_leg})a" if channel.record_legs else "a"
+    # b: only while bridged (a resume comes from features.conf, in a bridge; after a transfer
+    # the wait for the next agent is not recorded).
+    options = f"r({caller_leg})t({agent_leg})ab" if channel.record_legs else "ab"
     return await steps.app("MixMonitor", f"{mix},{options}i(CONSENT_MIXMONITOR_ID)")
 
 

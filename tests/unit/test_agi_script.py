@@ -629,7 +629,7 @@ async def test_a_legal_obligation_recording_can_be_paused_for_card_data(agi_rig:
     session, call_id = _midcall(agi_rig, "midcall-resume-agent")
     assert channel.serve(session) == 0, session.stderr()
     recordings = agi_rig.config.parent / "recordings"
-    assert channel.executed[-1] == ("MixMonitor", f"{recordings}/{recording_id}.wav,ai(CONSENT_MIXMONITOR_ID)")
+    assert channel.executed[-1] == ("MixMonitor", f"{recordings}/{recording_id}.wav,abi(CONSENT_MIXMONITOR_ID)")
     assert [r["event"] for r in await ledger_rows(call_id)] == ["resumed"]
 
 
