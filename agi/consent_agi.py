@@ -18,9 +18,11 @@ import os
 import re
 import select
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -40,11 +42,11 @@ from consent_gate.dialog import (
     pick_language,
     run_gate,
 )
-from consent_gate.events import Decision, utcnow
+from consent_gate.events import Decision, EventKind, utcnow
 from consent_gate.journal import Journal
 from consent_gate.ledger import Durability, Ledger
 from consent_gate.logging import configure_logging
-from consent_gate.midcall import Action, MidCallState, Plan, Role
+from consent_gate.midcall import Action, CodeMatcher, MidCallState, Plan, Role
 from consent_gate.prompts import PromptCatalog, PromptError
 from consent_gate.retention import (
     RECORDING_FILE_SUFFIXES,
@@ -57,8 +59,9 @@ log = structlog.get_logger(__name__)
 AGENT_NOTICE_VARIABLE = "CONSENT_AGENT_NOTICE"
 # discard_keys: WAIT FOR DIGIT 0 reads nothing (Asterisk's wait loop runs only while time is
 # left), so each round waits a few ms for a key that is already queued; bounded.
-DISCARD_WAIT_S = 0.01
+DISCARD_WAIT_MS = 10
 MAX_DISCARDED_KEYS = 32
+LISTEN_WAIT_MS = 50  # one round of AgiPort.listen: how long a stop waits at most
 
 
 def _agi_errors() -> tuple[type[BaseException], ...]:
@@ -75,30 +78,69 @@ def _agi_errors() -> tuple[type[BaseException], ...]:
 
 @dataclass
 class AgiPort:
-    """DialogPort over one AGI session."""
+    """DialogPort over one AGI session.
+
+    res_agi reads and drops every frame while the script is between commands, so a key pressed
+    while the dialog stores the decision would be lost -- a ``*0`` right after ``1`` too.  After
+    each key the port therefore keeps listening (WAIT FOR DIGIT in a worker thread) until the
+    next command, and keeps what it heard in :attr:`heard`.
+    """
 
     agi: Any
     source: str = "agi"
+    heard: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, key)
+    _listener: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     async def _call(self, func: Callable[..., Any], *args: Any) -> Any:
+        await self.stop_listening()
         try:
             return await asyncio.to_thread(func, *args)
         except _agi_errors() as error:
             raise CallerHungUp() from error
 
+    def listen(self) -> None:
+        """Hear keys until the next command (each round is one short WAIT FOR DIGIT)."""
+        if self._listener is None:
+            self._stop.clear()
+            self._listener = asyncio.create_task(asyncio.to_thread(self._listen), name="agi-listen")
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                key = self.agi.wait_for_digit(LISTEN_WAIT_MS)
+            except Exception as error:  # noqa: BLE001 -- the next command reports a hangup; listening never breaks the dialog
+                log.info("consent.listen_ended", error=type(error).__name__)
+                return
+            if key:
+                self.heard.append((time.monotonic(), key))
+
+    async def stop_listening(self) -> None:
+        """Stop listening; returns once the WAIT FOR DIGIT in flight has its reply."""
+        task, self._listener = self._listener, None
+        if task is not None:
+            self._stop.set()
+            await task
+
     async def play(self, prompt: PromptRef, *, stop_keys: str) -> str | None:
         key = await self._call(self.agi.stream_file, prompt.media, stop_keys)
+        if key:
+            self.listen()
         return key or None
 
     async def wait_key(self, timeout: float) -> str | None:
         key = await self._call(self.agi.wait_for_digit, max(1, int(timeout * 1000)))
+        if key:
+            self.listen()
         return key or None
 
     async def discard_keys(self) -> None:
-        """Drop keys already queued on the channel, so a key pressed before a question was
-        heard cannot answer it."""
+        """Drop keys already queued on the channel or heard since the last answer, so a key
+        pressed before a question was heard cannot answer it."""
+        await self.stop_listening()
+        self.heard.clear()
         for _ in range(MAX_DISCARDED_KEYS):
-            if await self.wait_key(DISCARD_WAIT_S) is None:
+            if not await self._call(self.agi.wait_for_digit, DISCARD_WAIT_MS):
                 return
         log.warning("consent.keys_still_queued", discarded=MAX_DISCARDED_KEYS)
 
@@ -220,16 +262,35 @@ async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision |
         await port._call(agi.answer)
         state = DialogState()
         result = await run_gate(port, call, purposes, gate, state)
+        await port.stop_listening()
         if result.status is not Decision.ABANDONED:
-            await port.set_result(result)
             primary = next((p for p in purposes if p.name == result.purpose), purposes[0])
             after = MidCallState.after_dialog(call, primary, result, state.language)
+            early = (after.plan(Action.WITHDRAW, Role.CALLER, settings.dialog, utcnow())
+                     if heard_withdrawal(port.heard, settings) else None)
+            if early is not None:
+                # Withdrawn while the grant was being stored: blocked before MixMonitor
+                # ([consent-gate-apply] honours CONSENT_WITHDRAWN), and the confirmation the
+                # caller hears is the withdrawal's.
+                await port._call(agi.set_variable, "CONSENT_WITHDRAWN", "1")
+                if early.caller_notice:
+                    result = dataclasses.replace(result, confirmation=gate.prompt(state.language, early.caller_notice))
+            await port.set_result(result)
+            if early is not None:
+                await ledger.append(after.event(gate, EventKind.WITHDRAWN, "agi", deleted_files=0,
+                                                when="before-recording", **early.detail))
             await port.set_agent_notice(after.agent_greeting_media(gate))
         return result.status
     except CallerHungUp:
         return Decision.ABANDONED
     finally:
         await ledger.close()
+
+
+def heard_withdrawal(heard: list[tuple[float, str]], settings: Settings) -> bool:
+    """Did the keys heard after the last answer (see :class:`AgiPort`) form the withdrawal code?"""
+    matcher = CodeMatcher(settings.dialog)
+    return any(matcher.feed(key, at) is Action.WITHDRAW for at, key in heard)
 
 
 MIDCALL_ACTIONS = {action.value: action for action in Action}

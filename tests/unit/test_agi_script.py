@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SOUNDS = "/snd/consent-gate"  # as Asterisk would see the prompts: only a string here
 HMAC_KEY = "agi-test-hmac-key-0123456789abcdef"
 STEP_TIMEOUT = 20.0  # seconds for the script to write its next command (includes start-up)
+LISTEN = "WAIT FOR DIGIT 50"  # AgiPort listening between commands after a key
 
 
 
@@ -54,6 +55,7 @@ class AgiSession:
     process: subprocess.Popen[bytes]
     stderr_path: Path
     commands: list[str] = field(default_factory=list)
+    listened: int = 0
     _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
 
     def __post_init__(self) -> None:
@@ -70,15 +72,22 @@ class AgiSession:
         self.process.stdin.write(text.encode())
         self.process.stdin.flush()
 
-    def command(self) -> str:
-        """The next command the script writes (fails after STEP_TIMEOUT or at end of output)."""
-        try:
-            line = self._lines.get(timeout=STEP_TIMEOUT)
-        except queue.Empty:
-            raise AssertionError(f"no AGI command within {STEP_TIMEOUT} s; so far {self.commands}\n{self.stderr()}") from None
-        assert line is not None, f"the script ended; commands so far {self.commands}\n{self.stderr()}"
-        self.commands.append(line)
-        return line
+    def command(self, *, answer_listening: bool = True) -> str:
+        """The next command the script writes (fails after STEP_TIMEOUT or at end of output).
+        The port's listening between commands (``WAIT FOR DIGIT 50`` after a key) is answered
+        "no key" here unless ``answer_listening`` is False."""
+        while True:
+            try:
+                line = self._lines.get(timeout=STEP_TIMEOUT)
+            except queue.Empty:
+                raise AssertionError(f"no AGI command within {STEP_TIMEOUT} s; so far {self.commands}\n{self.stderr()}") from None
+            assert line is not None, f"the script ended; commands so far {self.commands}\n{self.stderr()}"
+            if answer_listening and line == LISTEN:
+                self.listened += 1
+                self.send("200 result=0\n")
+                continue
+            self.commands.append(line)
+            return line
 
     def next_command(self) -> str | None:
         """The next command, or None once the script has closed its output."""
@@ -469,6 +478,7 @@ async def test_discard_keys_drops_queued_keys_then_stops() -> None:
     # WAIT FOR DIGIT 0 would read nothing: Asterisk's wait loop runs only while time is left.
     assert commands.getvalue().splitlines() == ["WAIT FOR DIGIT 10"] * 3
     assert await port.wait_key(5) == "2", "the key after the drained ones is still there"
+    await port.stop_listening()
 
 
 async def test_discard_keys_is_bounded() -> None:
@@ -665,3 +675,54 @@ async def test_unusable_variables_are_refused_and_named(agi_rig: AgiRig, ledger_
         assert [r["event"] for r in await ledger_rows(call_id)] == ["caller-records"]
     else:
         assert await ledger_rows(call_id) == []
+
+
+async def test_star0_while_the_grant_is_stored_withdraws_before_any_recording(
+    agi_rig: AgiRig, ledger_rows, pg_dsn: str
+) -> None:
+    """res_agi reads and drops every frame between two commands, so a ``*0`` pressed while a
+    slow ledger stores the "1" would be lost and MixMonitor would record the call.  The port
+    listens after the key: CONSENT_WITHDRAWN=1 is set before the result ([consent-gate-apply]
+    then never starts MixMonitor), the caller's confirmation is "withdrawn", the agent hears
+    "not recorded", the ledger has granted, then withdrawn."""
+    locker = await asyncpg.connect(pg_dsn)
+    try:
+        transaction = locker.transaction()
+        await transaction.start()
+        await locker.execute("LOCK TABLE consent_events IN SHARE MODE")  # the grant's INSERT waits
+        call_id = _call_id()
+        session = agi_rig.start(call_id=call_id)
+        _answer(session)
+        session.expect(QUESTION, "200 result=49 endpos=100")  # "1"
+        assert session.command(answer_listening=False) == LISTEN
+        session.send("200 result=42\n")  # "*"
+        assert session.command(answer_listening=False) == LISTEN
+        session.send("200 result=48\n")  # "0"
+        await transaction.rollback()  # the ledger answers now
+    finally:
+        await locker.close()
+    session.expect(r'SET VARIABLE "CONSENT_WITHDRAWN" "1"', "200 result=1")
+    values = _results(session)
+    assert session.finish() == (0, [])
+    assert values["CONSENT_STATUS"] == "granted" and values["CONSENT_CONFIRMATION"] == f"{SOUNDS}/en/withdrawn"
+    assert values["CONSENT_AGENT_NOTICE"] == f"{SOUNDS}/en/agent-not-recorded"
+    granted, withdrawn = await ledger_rows(call_id)
+    assert (granted["event"], withdrawn["event"]) == ("granted", "withdrawn")
+    assert withdrawn["recording_id"] == granted["recording_id"] == values["CONSENT_RECORDING_ID"]
+    assert json.loads(withdrawn["detail"])["when"] == "before-recording"
+
+
+async def test_other_keys_heard_while_storing_change_nothing(agi_rig: AgiRig, ledger_rows) -> None:
+    call_id = _call_id()
+    session = agi_rig.start(call_id=call_id)
+    _answer(session)
+    session.expect(QUESTION, "200 result=49 endpos=100")
+    line = session.command(answer_listening=False)
+    if line == LISTEN:  # the ledger may already have answered
+        session.send("200 result=53\n")  # "5"
+        line = session.command()
+    assert line.startswith('SET VARIABLE "CONSENT_RESULT"'), line
+    session.send("200 result=1\n")
+    session.expect(r'SET VARIABLE "__CONSENT_AGENT_NOTICE" ".*"', "200 result=1")
+    assert session.finish() == (0, [])
+    assert [r["event"] for r in await ledger_rows(call_id)] == ["granted"]
