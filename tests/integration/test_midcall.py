@@ -298,3 +298,33 @@ async def test_agi_mode_withdrawal_during_the_confirmation(
     assert not recording_set(result.recording_id) & recording_files(asterisk)
     assert withdrawn["source"] == "agi" and withdrawn["recording_id"] == result.recording_id
     assert [e["event"] for e in await ledger_events(pg_dsn, result.consent_id)] == ["granted", "withdrawn"]
+
+
+@pytest.mark.xfail(strict=True, reason="[consent-gate-apply] does not yet skip MixMonitor on CONSENT_WITHDRAWN=1 "
+                   "nor hear *0 during the confirmation")
+@pytest.mark.parametrize("gap", [0.2, 0.6])
+async def test_agi_mode_consent_then_quick_withdrawal_leaves_no_recording(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
+    speech_wav: Path, test_tag: str, gap: float,
+) -> None:
+    """``1``, then ``*0`` ``gap`` s later: whether the code lands while the grant is stored
+    (the script hears it) or during the confirmation (apply hears it), nothing is recorded."""
+    await drain_incoming(phones.agent)
+    caller = await phones.caller.call(phones.uri("300"), headers={"X-Test-Call": test_tag})
+    await caller.wait_answered(10)
+    await asterisk_log.wait_for(r"Playing '[^']*/question-training\.", 10)
+    await caller.send_dtmf("1")
+    await caller.play_silence(gap)  # a caller's timing, not synchronisation
+    await caller.send_dtmf("*0")
+    result = await asterisk_log.gate_result(test_tag, 20)
+    assert result.status == "granted"
+    await wait_for_event(pg_dsn, result.consent_id, "withdrawn", timeout=5)
+    agent = await phones.agent.wait_incoming(20)
+    await agent.answer()
+    await caller.play_wav(speech_wav)
+    await caller.hangup()
+    await agent.wait_hangup(10)
+    if "Begin MixMonitor Recording" in asterisk_log.text():
+        await asyncio_log_end(asterisk_log)
+    assert not recording_set(result.recording_id) & recording_files(asterisk)
+    assert [e["event"] for e in await ledger_events(pg_dsn, result.consent_id)] == ["granted", "withdrawn"]
