@@ -12,45 +12,61 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import os
+import re
+import select
 import sys
-from dataclasses import dataclass
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any
 
 import structlog
 
-from consent_gate.config import ConfigError, Settings, load_settings
+from consent_gate.config import ConfigError, Purpose, Settings, load_settings
 from consent_gate.dialog import (
+    RESULT_VARIABLE,
     CallerHungUp,
     CallInfo,
     DialogResult,
-    RESULT_VARIABLE,
     DialogState,
     GateContext,
     PromptRef,
     parse_purposes,
+    pick_language,
     run_gate,
 )
-from consent_gate.dialog import pick_language
-from consent_gate.events import Decision, utcnow
-from consent_gate.midcall import Action, MidCallState, Role
+from consent_gate.events import Decision, EventKind, utcnow
 from consent_gate.journal import Journal
-from consent_gate.ledger import Ledger
+from consent_gate.ledger import Durability, Ledger
 from consent_gate.logging import configure_logging
+from consent_gate.midcall import Action, CodeMatcher, MidCallState, Plan, Role
 from consent_gate.prompts import PromptCatalog, PromptError
 from consent_gate.recordings import check_private_dir
-from consent_gate.retention import RECORDING_FILE_SUFFIXES, delete_recording_files, recording_files
+from consent_gate.retention import (
+    RECORDING_FILE_SUFFIXES,
+    delete_recording_files,
+    recording_files,
+)
 
 log = structlog.get_logger(__name__)
 # Read by the dialplan's [consent-gate-agent-notice] (Dial U() pre-bridge routine, AGI mode).
 AGENT_NOTICE_VARIABLE = "CONSENT_AGENT_NOTICE"
+# discard_keys: WAIT FOR DIGIT 0 reads nothing (Asterisk's wait loop runs only while time is
+# left), so each round waits a few ms for a key that is already queued; bounded.
+DISCARD_WAIT_MS = 10
+MAX_DISCARDED_KEYS = 32
+LISTEN_WAIT_MS = 50  # one round of AgiPort.listen: how long a stop waits at most
 
 
 def _agi_errors() -> tuple[type[BaseException], ...]:
-    from asterisk.agi import AGIAppError, AGIHangup, AGIUnknownError
+    from asterisk.agi import AGIAppError, AGIHangup, AGIUnknownError  # type: ignore[import-untyped]
 
     # pyst2 raises AGIAppError (not an AGIHangup) for "result=-1", which is how Asterisk
     # reports a hangup during STREAM FILE / WAIT FOR DIGIT, and AGIUnknownError for
@@ -63,24 +79,71 @@ def _agi_errors() -> tuple[type[BaseException], ...]:
 
 @dataclass
 class AgiPort:
-    """DialogPort over one AGI session."""
+    """DialogPort over one AGI session.
+
+    res_agi reads and drops every frame while the script is between commands, so a key pressed
+    while the dialog stores the decision would be lost -- a ``*0`` right after ``1`` too.  After
+    each key the port therefore keeps listening (WAIT FOR DIGIT in a worker thread) until the
+    next command, and keeps what it heard in :attr:`heard`.
+    """
 
     agi: Any
     source: str = "agi"
+    heard: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, key)
+    _listener: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     async def _call(self, func: Callable[..., Any], *args: Any) -> Any:
+        await self.stop_listening()
         try:
             return await asyncio.to_thread(func, *args)
         except _agi_errors() as error:
             raise CallerHungUp() from error
 
+    def listen(self) -> None:
+        """Hear keys until the next command (each round is one short WAIT FOR DIGIT)."""
+        if self._listener is None:
+            self._stop.clear()
+            self._listener = asyncio.create_task(asyncio.to_thread(self._listen), name="agi-listen")
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                key = self.agi.wait_for_digit(LISTEN_WAIT_MS)
+            except Exception as error:  # noqa: BLE001 -- the next command reports a hangup; listening never breaks the dialog
+                log.info("consent.listen_ended", error=type(error).__name__)
+                return
+            if key:
+                self.heard.append((time.monotonic(), key))
+
+    async def stop_listening(self) -> None:
+        """Stop listening; returns once the WAIT FOR DIGIT in flight has its reply."""
+        task, self._listener = self._listener, None
+        if task is not None:
+            self._stop.set()
+            await task
+
     async def play(self, prompt: PromptRef, *, stop_keys: str) -> str | None:
         key = await self._call(self.agi.stream_file, prompt.media, stop_keys)
+        if key:
+            self.listen()
         return key or None
 
     async def wait_key(self, timeout: float) -> str | None:
-        key = await self._call(self.agi.wait_for_digit, int(timeout * 1000))
+        key = await self._call(self.agi.wait_for_digit, max(1, int(timeout * 1000)))
+        if key:
+            self.listen()
         return key or None
+
+    async def discard_keys(self) -> None:
+        """Drop keys already queued on the channel or heard since the last answer, so a key
+        pressed before a question was heard cannot answer it."""
+        await self.stop_listening()
+        self.heard.clear()
+        for _ in range(MAX_DISCARDED_KEYS):
+            if not await self._call(self.agi.wait_for_digit, DISCARD_WAIT_MS):
+                return
+        log.warning("consent.keys_still_queued", discarded=MAX_DISCARDED_KEYS)
 
     async def set_result(self, result: DialogResult) -> None:
         await self._call(self.agi.set_variable, RESULT_VARIABLE, result.packed())
@@ -91,18 +154,105 @@ class AgiPort:
         await self._call(self.agi.set_variable, f"__{AGENT_NOTICE_VARIABLE}", media)
 
 
+# -- what Asterisk hands the script: validated before any use --------------------------------
+
+class AgiInputError(ValueError):
+    """The AGI environment or a channel variable failed validation (the message names the key,
+    never the value: the value may be the caller's)."""
+
+
+# The environment res_agi writes (Asterisk 22), each key once, then agi_arg_1..n.  A caller
+# name with a line break in it would add or repeat keys, or end the environment early and turn
+# the rest into forged command replies: anything unexpected refuses the whole session.
+AGI_ENVIRONMENT_KEYS = frozenset((
+    "agi_request", "agi_channel", "agi_language", "agi_type", "agi_uniqueid", "agi_version",
+    "agi_callerid", "agi_calleridname", "agi_callingpres", "agi_callingani2", "agi_callington",
+    "agi_callingtns", "agi_dnid", "agi_rdnis", "agi_context", "agi_extension", "agi_priority",
+    "agi_enhanced", "agi_accountcode", "agi_threadid",
+))
+MAX_ENVIRONMENT_LINES = 64
+MAX_ENVIRONMENT_LINE = 4096
+_ENVIRONMENT_LINE = re.compile(r"(agi_[a-z0-9_]{1,40}): ?(.*)", re.DOTALL)
+_ARGUMENT_KEY = re.compile(r"agi_arg_([1-9][0-9]?)")
+# C0, DEL and C1 controls; a raw "\r" reaches here too (stdin is read with newline="\n").
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Asterisk's uniqueid: "<epoch>.<sequence>", prefixed "<systemname>-" when systemname is set.
+_UNIQUEID = re.compile(r"(?:[A-Za-z0-9_.-]{1,40}-)?[0-9]{1,20}\.[0-9]{1,10}")
+
+
+def read_agi_environment(stream: IO[str], argument: str) -> dict[str, str]:
+    """Read and check the AGI environment (up to its blank line) from ``stream``."""
+    env: dict[str, str] = {}
+    for number in range(1, MAX_ENVIRONMENT_LINES + 1):
+        raw = stream.readline(MAX_ENVIRONMENT_LINE + 1)
+        if not raw.endswith("\n"):
+            raise AgiInputError(f"AGI environment line {number}: "
+                                + ("too long" if raw else "input ended before the blank line"))
+        line = raw[:-1]
+        if line == "":
+            break
+        match = _ENVIRONMENT_LINE.fullmatch(line)
+        if match is None:
+            raise AgiInputError(f"AGI environment line {number}: not 'agi_<name>: <value>'")
+        key, value = match[1], match[2]
+        if key not in AGI_ENVIRONMENT_KEYS and not _ARGUMENT_KEY.fullmatch(key):
+            raise AgiInputError(f"AGI environment line {number}: unexpected key {key}")
+        if key in env:
+            raise AgiInputError(f"AGI environment line {number}: {key} given twice")
+        if _CONTROL_CHARS.search(value):
+            raise AgiInputError(f"AGI environment line {number}: {key} contains a control character")
+        env[key] = value
+    else:
+        raise AgiInputError(f"AGI environment: more than {MAX_ENVIRONMENT_LINES} lines")
+    missing = sorted(AGI_ENVIRONMENT_KEYS - env.keys())
+    if missing:
+        raise AgiInputError(f"AGI environment: {', '.join(missing)} missing")
+    arguments = sorted(int(m[1]) for key in env if (m := _ARGUMENT_KEY.fullmatch(key)))
+    if arguments != list(range(1, len(arguments) + 1)) or env.get("agi_arg_1") != argument:
+        raise AgiInputError("AGI environment: agi_arg_1.. do not match the script's arguments")
+    if not _UNIQUEID.fullmatch(env["agi_uniqueid"]) or len(env["agi_uniqueid"]) > 64:
+        raise AgiInputError("AGI environment: agi_uniqueid is not an Asterisk uniqueid")
+    return env
+
+
+# Asterisk writes nothing between the environment and the reply to the first command: input
+# already waiting there means the environment ended early (a blank line in caller data) and
+# what follows are forged replies.
+EARLY_INPUT_GRACE_S = 0.02
+
+
+def read_environment_text(fd: int) -> str:
+    """The environment as Asterisk wrote it, read byte by byte so that nothing after its blank
+    line is buffered here (see :func:`input_waiting`)."""
+    data = bytearray()
+    limit = MAX_ENVIRONMENT_LINES * (MAX_ENVIRONMENT_LINE + 1)
+    while not data.endswith(b"\n\n") and data != b"\n" and len(data) < limit:
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        data += byte
+    return data.decode("utf-8", "replace")
+
+
+def input_waiting(fd: int, timeout: float) -> bool:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return bool(ready)
+
+
+def call_info(env: dict[str, str]) -> CallInfo:
+    """The call as the environment (checked by :func:`read_agi_environment`) describes it."""
+    number = env.get("agi_callerid", "")
+    return CallInfo(call_id=env["agi_uniqueid"], caller_number="" if number == "unknown" else number[:64],
+                    language=env.get("agi_language", "")[:32])
+
+
 async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision | None:
     port = AgiPort(agi)
-    env = agi.env
     purposes = parse_purposes(purpose_name, settings)
     if not purposes:
         log.warning("consent.unknown_purpose")
         return None  # CONSENT_STATUS stays "unavailable" (set by the dialplan before AGI)
-    call = CallInfo(
-        call_id=str(env.get("agi_uniqueid", ""))[:64],
-        caller_number=str(env.get("agi_callerid", "")),
-        language=str(env.get("agi_language", "")),
-    )
+    call = call_info(agi.env)
     structlog.contextvars.bind_contextvars(call_id=call.call_id)
     catalog = PromptCatalog.load(settings.prompts_dir)
     ledger = Ledger(settings.database_dsn, Journal(settings.journal_dir),
@@ -113,16 +263,35 @@ async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision |
         await port._call(agi.answer)
         state = DialogState()
         result = await run_gate(port, call, purposes, gate, state)
+        await port.stop_listening()
         if result.status is not Decision.ABANDONED:
-            await port.set_result(result)
             primary = next((p for p in purposes if p.name == result.purpose), purposes[0])
             after = MidCallState.after_dialog(call, primary, result, state.language)
+            early = (after.plan(Action.WITHDRAW, Role.CALLER, settings.dialog, utcnow())
+                     if heard_withdrawal(port.heard, settings) else None)
+            if early is not None:
+                # Withdrawn while the grant was being stored: blocked before MixMonitor
+                # ([consent-gate-apply] honours CONSENT_WITHDRAWN), and the confirmation the
+                # caller hears is the withdrawal's.
+                await port._call(agi.set_variable, "CONSENT_WITHDRAWN", "1")
+                if early.caller_notice:
+                    result = dataclasses.replace(result, confirmation=gate.prompt(state.language, early.caller_notice))
+            await port.set_result(result)
+            if early is not None:
+                await ledger.append(after.event(gate, EventKind.WITHDRAWN, "agi", deleted_files=0,
+                                                when="before-recording", **early.detail))
             await port.set_agent_notice(after.agent_greeting_media(gate))
         return result.status
     except CallerHungUp:
         return Decision.ABANDONED
     finally:
         await ledger.close()
+
+
+def heard_withdrawal(heard: list[tuple[float, str]], settings: Settings) -> bool:
+    """Did the keys heard after the last answer (see :class:`AgiPort`) form the withdrawal code?"""
+    matcher = CodeMatcher(settings.dialog)
+    return any(matcher.feed(key, at) is Action.WITHDRAW for at, key in heard)
 
 
 MIDCALL_ACTIONS = {action.value: action for action in Action}
@@ -138,68 +307,278 @@ def parse_midcall(argument: str) -> tuple[Action, Role] | None:
     return MIDCALL_ACTIONS[body], Role(role)
 
 
+# -- the call's consent state, read back from its channel variables ---------------------------
+
+# Statuses [consent-gate-apply] leaves; "granted" and "notified" (legal obligation) record.
+CHANNEL_STATUSES = frozenset(("granted", "declined", "no-input", "notified", "unavailable"))
+RECORDING_STATUSES = frozenset(("granted", "notified"))
+NOT_RECORDING_STATUSES = CHANNEL_STATUSES - RECORDING_STATUSES
+_RECORDING_ID = re.compile(r"[0-9a-f]{32}")
+_PURPOSE_NAME = re.compile(r"[a-z0-9-]{1,40}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# The policy must treat a call whose channel says "recording" as recorded even when its
+# recording id is unusable (a withdrawal or a pause must still act).  This marker is never
+# used for a path, a MixMonitor or a ledger row.
+UNKNOWN_RECORDING = "unknown"
+
+
+def parse_consent_id(value: str) -> str | None:
+    """CONSENT_ID: a UUID in its canonical form, else None."""
+    if not _UUID.fullmatch(value):
+        return None
+    return str(uuid.UUID(value))
+
+
+def parse_recording_id(value: str) -> str | None:
+    """CONSENT_RECORDING_ID: 32 lowercase hex characters (all a file name is made of), else None."""
+    return value if _RECORDING_ID.fullmatch(value) else None
+
+
+def parse_status(value: str) -> str | None:
+    return value if value in CHANNEL_STATUSES else None
+
+
+def parse_paused_at(value: str) -> datetime | None:
+    """CONSENT_PAUSED_AT: an ISO time with a time zone, as this script writes it."""
+    if not value:
+        return None
+    if len(value) > 40:
+        raise AgiInputError("CONSENT_PAUSED_AT is not an ISO time")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise AgiInputError("CONSENT_PAUSED_AT is not an ISO time") from None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise AgiInputError("CONSENT_PAUSED_AT has no time zone")
+    return parsed
+
+
+def recording_id_from_mixmonitor(value: str, recordings_dir: Path) -> str | None:
+    """MIXMONITOR_FILENAME (set by MixMonitor) names ``<recordings dir>/<32 hex>.wav``: the id
+    of the running recording, when CONSENT_RECORDING_ID is unusable."""
+    path = Path(value)
+    if path.parent != recordings_dir or not path.name.endswith(".wav"):
+        return None
+    return parse_recording_id(path.name.removesuffix(".wav"))
+
+
+@dataclass(frozen=True)
+class ChannelConsent:
+    """The CONSENT_* variables of the caller's channel, each checked; None where unusable."""
+
+    purpose: Purpose | None
+    consent_id: str | None
+    status: str | None
+    recording_id: str | None  # valid (from CONSENT_RECORDING_ID or MixMonitor's file name)
+    recording_id_invalid: bool  # the channel records (or may), but CONSENT_RECORDING_ID is unusable
+    record_legs: bool
+    caller_records: bool
+    withdrawn: bool
+    paused_at: datetime | None
+    mixmonitor_id: str | None
+
+    @property
+    def may_be_recording(self) -> bool:
+        """Unknown status counts as recording: a withdrawal or pause must act rather than not."""
+        return self.status not in NOT_RECORDING_STATUSES
+
+
+async def read_channel_consent(port: AgiPort, settings: Settings) -> ChannelConsent:
+    async def var(name: str) -> str:
+        return str(await port._call(port.agi.get_variable, name) or "")
+
+    def refused(name: str, why: str = "malformed") -> None:
+        log.warning("consent.channel_variable_refused", variable=name, reason=why)
+
+    raw_purpose = await var("CONSENT_PURPOSE")
+    purpose = settings.purpose(raw_purpose) if _PURPOSE_NAME.fullmatch(raw_purpose) else None
+    if purpose is None and raw_purpose:
+        refused("CONSENT_PURPOSE")
+    raw_id = await var("CONSENT_ID")
+    consent_id = parse_consent_id(raw_id)
+    if consent_id is None and raw_id:
+        refused("CONSENT_ID")
+    raw_status = await var("CONSENT_STATUS")
+    status = parse_status(raw_status)
+    if status is None:
+        refused("CONSENT_STATUS")
+    recording_id, recording_id_invalid = None, False
+    if status is None or status in RECORDING_STATUSES:
+        recording_id = parse_recording_id(await var("CONSENT_RECORDING_ID"))
+        if recording_id is None:
+            refused("CONSENT_RECORDING_ID")
+            recording_id_invalid = True
+            recording_id = recording_id_from_mixmonitor(await var("MIXMONITOR_FILENAME"), settings.recordings_dir)
+    withdrawn_flag = await var("CONSENT_WITHDRAWN")
+    if withdrawn_flag not in ("", "1"):
+        refused("CONSENT_WITHDRAWN", "neither empty nor 1: taken as withdrawn")
+    try:
+        paused_at = parse_paused_at(await var("CONSENT_PAUSED_AT"))
+    except AgiInputError as error:
+        refused("CONSENT_PAUSED_AT", f"{error}: taken as not paused")
+        paused_at = None
+    raw_mixmonitor = await var("CONSENT_MIXMONITOR_ID")
+    mixmonitor_id = parse_consent_id(raw_mixmonitor)  # MixMonitor's i() ids are UUIDs too
+    if mixmonitor_id is None and raw_mixmonitor:
+        refused("CONSENT_MIXMONITOR_ID")
+    return ChannelConsent(
+        purpose=purpose, consent_id=consent_id, status=status, recording_id=recording_id,
+        recording_id_invalid=recording_id_invalid,
+        record_legs=await var("CONSENT_RECORD_LEGS") == "1",
+        caller_records=await var("CONSENT_CALLER_RECORDS") == "1",
+        withdrawn=withdrawn_flag != "", paused_at=paused_at, mixmonitor_id=mixmonitor_id,
+    )
+
+
+# -- mid-call codes ---------------------------------------------------------------------------
+
+@dataclass
+class _Steps:
+    """Runs the AGI steps of one plan: a failed step is logged and reported, never raised, so
+    the steps that do not need the channel (files, ledger) still happen."""
+
+    port: AgiPort
+    hung_up: bool = False
+
+    async def run(self, what: str, step: Callable[[], Awaitable[Any]]) -> bool:
+        if self.hung_up:
+            return False
+        try:
+            await step()
+            return True
+        except CallerHungUp:
+            self.hung_up = True
+            log.warning("consent.midcall_step_failed", step=what, reason="channel gone or command refused")
+        except Exception as error:  # noqa: BLE001 -- an AGI error must not cost the ledger or the file deletion
+            log.error("consent.midcall_step_failed", step=what, error=f"{type(error).__name__}: {error}"[:200])
+        return False
+
+    async def set(self, name: str, value: str) -> bool:
+        return await self.run(f"set {name}", lambda: self.port._call(self.port.agi.set_variable, name, value))
+
+    async def app(self, name: str, arguments: str) -> bool:
+        return await self.run(name, lambda: self.port._call(self.port.agi.appexec, name, arguments))
+
+
+def _delete_files(settings: Settings, recording_id: str | None) -> list[str]:
+    if recording_id is None:
+        return []
+    try:
+        return delete_recording_files(recording_files(settings.recordings_dir, recording_id))
+    except OSError as error:
+        log.error("consent.recording_delete_failed", recording_id=recording_id, error=str(error))
+        return []
+
+
 async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) -> bool:
     """A mid-call code in AGI mode (features.conf applicationmap → Gosub → here), on the caller's
-    channel.  The state of the call lives in its channel variables.  Returns True if it acted."""
+    channel.  The state of the call lives in its channel variables, each validated here.
+    Returns True if it acted.  The order is the policy's: recording control, files, ledger,
+    channel variables, notices; a state is written only once its effect happened."""
     port = AgiPort(agi)
-
-    async def var(name: str) -> str:
-        return str(await port._call(agi.get_variable, name) or "")
-
-    purpose = settings.purpose((await var("CONSENT_PURPOSE")).split("+")[0])
-    consent_id = await var("CONSENT_ID")
-    if purpose is None or not consent_id:
+    steps = _Steps(port)
+    channel = await read_channel_consent(port, settings)
+    withdrawing = action is Action.WITHDRAW and role is Role.CALLER
+    if withdrawing and channel.may_be_recording and not channel.withdrawn:
+        # Block first: [consent-gate-apply] skips or stops MixMonitor and a resume never
+        # restarts it once CONSENT_WITHDRAWN is set, whatever fails below.
+        await steps.set("CONSENT_WITHDRAWN", "1")
+    if channel.purpose is None or channel.consent_id is None:
+        if withdrawing and channel.may_be_recording and not channel.withdrawn:
+            # Nothing to log the withdrawal under: still stop and delete what we can name.
+            deleted = _delete_files(settings, channel.recording_id)
+            await steps.app("StopMixMonitor", channel.mixmonitor_id or "")
+            deleted += _delete_files(settings, channel.recording_id)
+            log.error("consent.withdrawal_not_logged", reason="CONSENT_PURPOSE or CONSENT_ID unusable",
+                      deleted_files=len(deleted))
+            return True
         return False
-    recording_id = await var("CONSENT_RECORDING_ID")
-    status = await var("CONSENT_STATUS")
-    paused_at = await var("CONSENT_PAUSED_AT")
-    env = agi.env
-    call = CallInfo(call_id=str(env.get("agi_uniqueid", ""))[:64], caller_number=str(env.get("agi_callerid", "")),
-                    language=str(env.get("agi_language", "")))
+    call = call_info(agi.env)
+    structlog.contextvars.bind_contextvars(call_id=call.call_id)
     catalog = PromptCatalog.load(settings.prompts_dir)
+    recording_id = channel.recording_id
+    if recording_id is None and channel.recording_id_invalid:
+        recording_id = UNKNOWN_RECORDING
     state = MidCallState(
-        call=call, purpose=purpose, consent_id=consent_id,
+        call=call, purpose=channel.purpose, consent_id=channel.consent_id,
         language=pick_language(call.language, catalog.languages, settings.default_language),
-        recording_id=recording_id if status == "granted" and len(recording_id) == 32 else None,
-        caller_records=await var("CONSENT_CALLER_RECORDS") == "1",
-        withdrawn=await var("CONSENT_WITHDRAWN") == "1",
-        paused_at=datetime.fromisoformat(paused_at) if paused_at else None,
+        recording_id=recording_id, caller_records=channel.caller_records,
+        withdrawn=channel.withdrawn, paused_at=channel.paused_at,
     )
     plan = state.plan(action, role, settings.dialog, utcnow())
     if plan is None:
+        log.info("consent.midcall_ignored", action=action.value, role=role.value)
         return False
     ledger = Ledger(settings.database_dsn, Journal(settings.journal_dir), write_timeout=settings.ledger_write_timeout)
     await ledger.start()
     try:
         gate = GateContext(settings, catalog, ledger)
-        if plan.stop_recording or plan.mute:
-            # Dialplan has no "mute MixMonitor": a pause stops it, a resume appends to the same files.
-            await port._call(agi.appexec, "StopMixMonitor", "")
-        if plan.mute is False and state.recording_id:
-            mix, caller_leg, agent_leg = (settings.recordings_dir / f"{state.recording_id}{suffix}"
-                                          for suffix in RECORDING_FILE_SUFFIXES)
-            legs = await var("CONSENT_RECORD_LEGS") == "1"
-            options = f"r({caller_leg})t({agent_leg})a" if legs else "a"
-            await port._call(agi.appexec, "MixMonitor", f"{mix},{options}")
-        deleted = 0
-        if plan.delete_recording and state.recording_id:
-            deleted = len(delete_recording_files(recording_files(settings.recordings_dir, state.recording_id)))
-        if plan.ledger_event is not None:
-            detail = dict(plan.detail, **({"deleted_files": deleted} if plan.delete_recording else {}))
-            await ledger.append(state.event(gate, plan.ledger_event, "agi", **detail))
-        for name, value in (("CONSENT_WITHDRAWN", "1" if state.withdrawn else ""),
-                            ("CONSENT_CALLER_RECORDS", "1" if state.caller_records else ""),
-                            ("CONSENT_PAUSED_AT", state.paused_at.isoformat() if state.paused_at else "")):
-            await port._call(agi.set_variable, name, value)
-        # A later agent (transfer) hears the greeting as it is now.
-        await port.set_agent_notice(state.agent_greeting_media(gate))
-        # The routine runs on the caller's channel: only the caller's notice can be played here
-        # (mid-call agent notices need the ARI service's whispers).
-        if plan.caller_notice and role is Role.CALLER:
-            await port.play(gate.prompt(state.language, plan.caller_notice), stop_keys="")
-        return True
+        return await _carry_out(settings, gate, steps, state, plan, channel, role)
     finally:
         await ledger.close()
+
+
+async def _carry_out(settings: Settings, gate: GateContext, steps: _Steps, state: MidCallState, plan: Plan,
+                     channel: ChannelConsent, role: Role) -> bool:
+    file_id = channel.recording_id  # only a validated id names files or a ledger row
+    detail: dict[str, object] = dict(plan.detail)
+    if channel.recording_id_invalid:
+        detail["recording_id_invalid"] = True
+    deleted: list[str] = []
+    # 1. Recording control.  A pause or resume that did not happen is not logged.
+    if plan.delete_recording:
+        deleted += _delete_files(settings, file_id)  # at once: an unlinked file leaves nothing behind
+    if plan.stop_recording or plan.mute:
+        # Dialplan has no "mute MixMonitor": a pause stops it, a resume appends to the same files.
+        stopped = await steps.app("StopMixMonitor", channel.mixmonitor_id or "")
+        if not stopped:
+            if not plan.stop_recording:
+                return False
+            detail["stop_failed"] = True
+    if plan.mute is False and not await _resume_recording(settings, steps, channel, file_id):
+        return False
+    # 2. Files: again after the stop, in case MixMonitor opened them only after the first pass.
+    if plan.delete_recording:
+        deleted += _delete_files(settings, file_id)
+        detail["deleted_files"] = len(deleted)
+    # 3. Ledger (database or journal).
+    if plan.ledger_event is not None:
+        event = dataclasses.replace(state, recording_id=file_id).event(gate, plan.ledger_event, "agi", **detail)
+        if await gate.ledger.append(event) is Durability.LOST:
+            log.error("consent.midcall_event_lost", event=str(plan.ledger_event))
+    # 4. Channel variables: the state as it now is.
+    for name, value in (("CONSENT_WITHDRAWN", "1" if state.withdrawn else ""),
+                        ("CONSENT_CALLER_RECORDS", "1" if state.caller_records else ""),
+                        ("CONSENT_PAUSED_AT", state.paused_at.isoformat() if state.paused_at else "")):
+        await steps.set(name, value)
+    # A later agent (transfer) hears the greeting as it is now.
+    await steps.set(f"__{AGENT_NOTICE_VARIABLE}", state.agent_greeting_media(gate))
+    # 5. Notices.  The routine runs on the caller's channel: only the caller's notice can be
+    # played here (mid-call agent notices need the ARI service's whispers).
+    if plan.caller_notice and role is Role.CALLER:
+        prompt = gate.prompt(state.language, plan.caller_notice)
+        await steps.run("notice", lambda: steps.port.play(prompt, stop_keys=""))
+    return True
+
+
+async def _resume_recording(settings: Settings, steps: _Steps, channel: ChannelConsent, file_id: str | None) -> bool:
+    """Restart MixMonitor on the same files, unless the call was withdrawn meanwhile."""
+    withdrawn: list[str] = []
+
+    async def read_withdrawn() -> None:
+        withdrawn.append(str(await steps.port._call(steps.port.agi.get_variable, "CONSENT_WITHDRAWN") or ""))
+
+    if not await steps.run("check withdrawn", read_withdrawn) or withdrawn[0] != "":
+        log.warning("consent.resume_refused", reason="withdrawn or unreadable")
+        return False
+    if file_id is None:
+        log.warning("consent.resume_refused", reason="no usable recording id")
+        return False
+    mix, caller_leg, agent_leg = (settings.recordings_dir / f"{file_id}{suffix}" for suffix in RECORDING_FILE_SUFFIXES)
+    # b: only while bridged (a resume comes from features.conf, in a bridge; after a transfer
+    # the wait for the next agent is not recorded).
+    options = f"r({caller_leg})t({agent_leg})ab" if channel.record_legs else "ab"
+    return await steps.app("MixMonitor", f"{mix},{options}i(CONSENT_MIXMONITOR_ID)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,11 +603,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"consent-gate-agi: {error}", file=sys.stderr)
         return 2
-    from asterisk.agi import AGI
+    from asterisk.agi import AGI  # type: ignore[import-untyped]
 
-    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
-    # pyst2 echoes the whole AGI environment (caller ID included) to stderr: silence it.
-    agi = AGI(stdin=stdin, stdout=sys.stdout, stderr=open(os.devnull, "w"))
+    fd = sys.stdin.fileno()
+    try:
+        # newline="\n": a "\r" in caller data stays inside its line (and is refused there)
+        # instead of splitting it into a line of its own.
+        env = read_agi_environment(io.StringIO(read_environment_text(fd), newline="\n"), args.purpose)
+        if input_waiting(fd, EARLY_INPUT_GRACE_S):
+            raise AgiInputError("AGI environment: input after its end before any command "
+                                "(a line break in caller data?)")
+    except AgiInputError as error:
+        # No command is sent: the dialplan's CONSENT_STATUS stays "unavailable".
+        log.error("consent.agi_environment_refused", error=str(error))
+        return 0
+    # pyst2 reads the environment itself: hand it an empty one, then the checked one and the
+    # real input.  It also echoes what it reads to stderr: silence it.
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="\n")
+    agi = AGI(stdin=io.StringIO("\n"), stdout=sys.stdout, stderr=open(os.devnull, "w"))  # noqa: SIM115 -- open for the process's life
+    agi.stdin, agi.env = stdin, env
     try:
         if midcall is not None:
             asyncio.run(run_midcall(settings, agi, *midcall))

@@ -309,3 +309,41 @@ async def test_gate_down_means_unavailable_and_the_call_goes_on(
         assert recording_files(asterisk) == recordings_before
     finally:
         await gate.start()
+
+
+# -- AGI mode: caller data reaches the script's environment only without control characters --
+
+async def test_agi_caller_name_with_a_line_break_is_refused_at_the_gate(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
+    test_tag: str, recordings_before: set[str],
+) -> None:
+    """A caller name from a lookup with a line break in it (extension 310 turns "~" in
+    X-Test-Name into one) would reach res_agi as ``agi_calleridname: Eve`` plus a second
+    ``agi_uniqueid`` line.  The gate refuses it before the script runs: "unavailable", never
+    asked, never recorded, and the call goes on to the agent."""
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten="310", result_timeout=10,
+                               headers={"X-Test-Name": "Eve~agi_uniqueid: 1.2"}, answered_by_gate=False)
+    assert (call.result.status, call.result.consent_id, call.result.recording_id) == ("unavailable", "", "")
+    log_text = asterisk_log.text()
+    assert "caller data with a control character" in log_text
+    assert "question-training" not in log_text and "Launched AGI Script" not in log_text
+    await call.caller.send_dtmf("1")
+    await call.caller.play_silence(1.0)
+    await finish(call)
+    assert recording_files(asterisk) == recordings_before
+    connection = await asyncpg.connect(pg_dsn)
+    try:
+        assert await connection.fetchval("SELECT count(*) FROM consent_events WHERE call_id = '1.2'") == 0
+    finally:
+        await connection.close()
+
+
+async def test_agi_danish_caller_name_is_asked_as_usual(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, test_tag: str,
+) -> None:
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten="310", key="1",
+                               headers={"X-Test-Name": "Søren Ærø-Åberg (privat)"})
+    assert call.result.status == "granted"
+    await call.caller.play_silence(1.0)
+    await finish(call)
+    await wait_until(lambda: f"{call.result.recording_id}.wav" in recording_files(asterisk), 10, "recording")

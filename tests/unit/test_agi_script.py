@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import os
 import queue
@@ -21,6 +22,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SOUNDS = "/snd/consent-gate"  # as Asterisk would see the prompts: only a string here
 HMAC_KEY = "agi-test-hmac-key-0123456789abcdef"
 STEP_TIMEOUT = 20.0  # seconds for the script to write its next command (includes start-up)
+LISTEN = "WAIT FOR DIGIT 50"  # AgiPort listening between commands after a key
 
 
 
@@ -52,6 +55,7 @@ class AgiSession:
     process: subprocess.Popen[bytes]
     stderr_path: Path
     commands: list[str] = field(default_factory=list)
+    listened: int = 0
     _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
 
     def __post_init__(self) -> None:
@@ -68,14 +72,33 @@ class AgiSession:
         self.process.stdin.write(text.encode())
         self.process.stdin.flush()
 
-    def command(self) -> str:
-        """The next command the script writes (fails after STEP_TIMEOUT or at end of output)."""
+    def command(self, *, answer_listening: bool = True) -> str:
+        """The next command the script writes (fails after STEP_TIMEOUT or at end of output).
+        The port's listening between commands (``WAIT FOR DIGIT 50`` after a key) is answered
+        "no key" here unless ``answer_listening`` is False."""
+        while True:
+            try:
+                line = self._lines.get(timeout=STEP_TIMEOUT)
+            except queue.Empty:
+                raise AssertionError(f"no AGI command within {STEP_TIMEOUT} s; so far {self.commands}\n{self.stderr()}") from None
+            assert line is not None, f"the script ended; commands so far {self.commands}\n{self.stderr()}"
+            if answer_listening and line == LISTEN:
+                self.listened += 1
+                self.send("200 result=0\n")
+                continue
+            self.commands.append(line)
+            return line
+
+    def next_command(self) -> str | None:
+        """The next command, or None once the script has closed its output."""
         try:
             line = self._lines.get(timeout=STEP_TIMEOUT)
         except queue.Empty:
             raise AssertionError(f"no AGI command within {STEP_TIMEOUT} s; so far {self.commands}\n{self.stderr()}") from None
-        assert line is not None, f"the script ended; commands so far {self.commands}\n{self.stderr()}"
-        self.commands.append(line)
+        if line is None:
+            self._lines.put(None)  # finish() still sees the end
+        else:
+            self.commands.append(line)
         return line
 
     def expect(self, pattern: str, reply: str) -> re.Match[str]:
@@ -114,7 +137,7 @@ class AgiRig:
     env: dict[str, str]
 
     def start(self, purpose: str = "training", *, call_id: str, number: str = "+4520304050",
-              language: str = "en") -> AgiSession:
+              language: str = "en", name: str = "Test Caller", raw_environment: str | None = None) -> AgiSession:
         stderr_path = self.config.parent / f"{call_id}.stderr"
         with open(stderr_path, "wb") as stderr:
             process = subprocess.Popen(
@@ -122,23 +145,41 @@ class AgiRig:
                 env=self.env, cwd=self.config.parent,
             )
         session = AgiSession(process, stderr_path)
-        # The environment Asterisk writes first (res_agi), then a blank line.
-        environment = {
-            "agi_request": "/usr/local/bin/consent-gate-agi",
-            "agi_channel": "PJSIP/caller-00000001",
-            "agi_language": language,
-            "agi_type": "PJSIP",
-            "agi_uniqueid": call_id,
-            "agi_version": "22.10.1",
-            "agi_callerid": number,
-            "agi_calleridname": "Test Caller",
-            "agi_context": "consent-gate-agi",
-            "agi_extension": "s",
-            "agi_priority": "5",
-            "agi_arg_1": purpose,
-        }
-        session.send("".join(f"{key}: {value}\n" for key, value in environment.items()) + "\n")
+        # The environment Asterisk 22 writes first (res_agi), then a blank line.
+        if raw_environment is None:
+            raw_environment = agi_environment(purpose, call_id=call_id, number=number, language=language, name=name)
+        session.send(raw_environment)
         return session
+
+
+def agi_environment(purpose: str, *, call_id: str, number: str = "+4520304050", language: str = "en",
+                    name: str = "Test Caller") -> str:
+    """What res_agi writes (the key set and order of a real Asterisk 22.10 session), values
+    written as res_agi writes them: as they are, nothing escaped."""
+    environment = {
+        "agi_request": "/usr/local/bin/consent-gate-agi",
+        "agi_channel": "PJSIP/caller-00000001",
+        "agi_language": language,
+        "agi_type": "PJSIP",
+        "agi_uniqueid": call_id,
+        "agi_version": "22.10.1+dfsg+~cs6.17.60671434-1",
+        "agi_callerid": number,
+        "agi_calleridname": name,
+        "agi_callingpres": "0",
+        "agi_callingani2": "0",
+        "agi_callington": "0",
+        "agi_callingtns": "0",
+        "agi_dnid": "300",
+        "agi_rdnis": "unknown",
+        "agi_context": "consent-gate-agi",
+        "agi_extension": "s",
+        "agi_priority": "5",
+        "agi_enhanced": "0.0",
+        "agi_accountcode": "",
+        "agi_threadid": "139816155580096",
+        "agi_arg_1": purpose,
+    }
+    return "".join(f"{key}: {value}\n" for key, value in environment.items()) + "\n"
 
 
 @pytest.fixture
@@ -150,7 +191,7 @@ def _rig(dsn: str, tmp_path: Path) -> AgiRig:
     journal = tmp_path / "journal"
     config = tmp_path / "consent-gate.toml"
     recordings = tmp_path / "recordings"  # the script refuses to start unless it is private
-    recordings.mkdir(mode=0o700)
+    recordings.mkdir(mode=0o700, exist_ok=True)
     config.write_text(
         f"[ledger]\ndsn = {json.dumps(dsn)}\njournal_dir = {json.dumps(str(journal))}\n"
         f"[recordings]\ndir = {json.dumps(str(recordings))}\nowner = \"{os.geteuid()}\"\n"
@@ -175,7 +216,8 @@ async def ledger_rows(pg_dsn: str) -> AsyncIterator[Callable[[str], object]]:
 
 
 def _call_id() -> str:
-    return f"agi-{uuid.uuid4().hex[:16]}"
+    """An Asterisk uniqueid (with a system name, as ``systemname`` in asterisk.conf gives)."""
+    return f"agitest-{uuid.uuid4().int % 10**10}.{uuid.uuid4().int % 10**6}"
 
 
 QUESTION = re.escape(f'STREAM FILE {SOUNDS}/en/question-training "{DTMF_STOP_KEYS}" 0')
@@ -370,3 +412,317 @@ async def test_legal_obligation_without_an_agent_prompt_still_hands_back_notifie
     assert values["CONSENT_STATUS"] == "notified" and re.fullmatch(r"[0-9a-f]{32}", values["CONSENT_RECORDING_ID"])
     assert values["CONSENT_AGENT_NOTICE"] == ""  # no agent-recorded-securities prompt is shipped
     assert [r["event"] for r in await ledger_rows(call_id)] == ["notified"]
+
+
+
+# -- the AGI environment: a caller name must not rewrite it (res_agi escapes nothing) ----------
+
+def _hostile_environment(kind: str, call_id: str) -> str:
+    clean = agi_environment("training", call_id=call_id)
+    if kind == "newline rewrites agi_uniqueid":
+        return agi_environment("training", call_id=call_id, name="Eve\nagi_uniqueid: 1.2")
+    if kind == "blank line forges replies":
+        # Ends the environment inside the name, completes it with the remaining keys, then
+        # forges Asterisk's replies: ANSWER, then key "1" for the question.
+        rest = clean.split("agi_calleridname: Test Caller\n", 1)[1]
+        return agi_environment("training", call_id=call_id, name="Eve\n" + rest + "200 result=0\n200 result=49 endpos=1")
+    if kind == "carriage return":
+        return agi_environment("training", call_id=call_id, name="Eve\rX")
+    if kind == "unexpected key":
+        return clean.replace("agi_arg_1:", "agi_forged: 1\nagi_arg_1:")
+    if kind == "not an Asterisk uniqueid":
+        return agi_environment("training", call_id="../" + call_id)
+    if kind == "environment cut short":
+        return clean.split("agi_dnid", 1)[0]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["newline rewrites agi_uniqueid", "blank line forges replies", "carriage return",
+                                  "unexpected key", "not an Asterisk uniqueid", "environment cut short"])
+async def test_a_tampered_environment_is_refused_before_any_command(agi_rig: AgiRig, ledger_rows, kind: str) -> None:
+    """res_agi writes ``agi_calleridname: <name>`` as it is: a line break in the name adds
+    keys, or ends the environment and turns the rest into forged replies (a forged "1" would
+    store a ``granted`` the caller never gave).  The script refuses such a session: no
+    command, no ledger row; the dialplan's CONSENT_STATUS stays "unavailable"."""
+    call_id = _call_id()
+    session = agi_rig.start(call_id=call_id, raw_environment=_hostile_environment(kind, call_id))
+    if kind == "environment cut short":
+        session.hang_up_pipe()
+    code, rest = session.finish()
+    assert (code, rest, session.commands) == (0, [], [])
+    assert "consent.agi_environment_refused" in session.stderr()
+    assert "Eve" not in session.stderr(), "the caller's data is not logged"
+    assert await ledger_rows(call_id) == [] and await ledger_rows("1.2") == []
+
+
+async def test_a_danish_caller_name_is_fine(agi_rig: AgiRig, ledger_rows) -> None:
+    call_id = _call_id()
+    session = agi_rig.start(call_id=call_id, name="Søren Ærø-Åberg \"Sø\" (privat)")
+    _answer(session)
+    session.expect(QUESTION, "200 result=49 endpos=100")
+    assert _results(session)["CONSENT_STATUS"] == "granted"
+    assert session.finish() == (0, [])
+
+
+# -- AgiPort.discard_keys on pyst2's AGI over in-memory pipes ----------------------------------
+
+async def test_discard_keys_drops_queued_keys_then_stops() -> None:
+    from asterisk.agi import AGI
+
+    from agi.consent_agi import AgiPort
+
+    replies = io.StringIO("\n" + "200 result=49\n200 result=42\n200 result=0\n" + "200 result=50\n")
+    commands = io.StringIO()
+    port = AgiPort(AGI(stdin=replies, stdout=commands, stderr=io.StringIO()))
+    await port.discard_keys()
+    # WAIT FOR DIGIT 0 would read nothing: Asterisk's wait loop runs only while time is left.
+    assert commands.getvalue().splitlines() == ["WAIT FOR DIGIT 10"] * 3
+    assert await port.wait_key(5) == "2", "the key after the drained ones is still there"
+    await port.stop_listening()
+
+
+async def test_discard_keys_is_bounded() -> None:
+    from asterisk.agi import AGI
+
+    from agi.consent_agi import MAX_DISCARDED_KEYS, AgiPort
+
+    replies = io.StringIO("\n" + "200 result=49\n" * (MAX_DISCARDED_KEYS + 5))
+    commands = io.StringIO()
+    await AgiPort(AGI(stdin=replies, stdout=commands, stderr=io.StringIO())).discard_keys()
+    assert len(commands.getvalue().splitlines()) == MAX_DISCARDED_KEYS
+
+
+# -- mid-call codes: the channel's CONSENT_* variables are checked before use --------------------
+
+GET = re.compile(r'GET VARIABLE "([A-Z_]+)"')
+SET = re.compile(r'SET VARIABLE "([A-Z_]+)" "(.*)"')
+EXEC = re.compile(r'EXEC (\w+) "(.*)"')
+
+
+@dataclass
+class Channel:
+    """The caller's channel as the mid-call script sees it: variables, and what it executed."""
+
+    variables: dict[str, str]
+    exec_replies: dict[str, str] = field(default_factory=dict)  # app -> reply (default "200 result=0")
+    executed: list[tuple[str, str]] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)  # GET/SET/EXEC in order
+    after_first_read: dict[str, str] = field(default_factory=dict)  # changes once a variable is read
+    _read: set[str] = field(default_factory=set)
+
+    def serve(self, session: AgiSession) -> int:
+        while (line := session.next_command()) is not None:
+            if match := GET.fullmatch(line):
+                name = match[1]
+                if name in self._read and name in self.after_first_read:
+                    self.variables[name] = self.after_first_read[name]
+                self._read.add(name)
+                value = self.variables.get(name, "")
+                self.log.append(f"GET {name}")
+                session.send(f"200 result=1 ({value})\n" if value else "200 result=0\n")
+            elif match := SET.fullmatch(line):
+                self.variables[match[1]] = match[2]
+                self.log.append(f"SET {match[1]}={match[2]}")
+                session.send("200 result=1\n")
+            elif match := EXEC.fullmatch(line):
+                self.executed.append((match[1], match[2]))
+                self.log.append(f"EXEC {match[1]}")
+                session.send(self.exec_replies.get(match[1], "200 result=0") + "\n")
+            elif line.startswith("STREAM FILE"):
+                session.send("200 result=0 endpos=8000\n")
+            else:
+                raise AssertionError(f"unexpected command {line!r}")
+        code, _ = session.finish()
+        return code
+
+
+def _recorded_channel(rig: AgiRig, status: str = "granted", **overrides: str) -> tuple[Channel, str, str]:
+    recording_id = uuid.uuid4().hex
+    consent_id = str(uuid.uuid4())
+    variables = {
+        "CONSENT_PURPOSE": "training", "CONSENT_ID": consent_id, "CONSENT_STATUS": status,
+        "CONSENT_RECORDING_ID": recording_id, "CONSENT_RECORD_LEGS": "1",
+        "CONSENT_MIXMONITOR_ID": str(uuid.uuid4()),
+        "MIXMONITOR_FILENAME": str(rig.config.parent / "recordings" / f"{recording_id}.wav"),
+    }
+    variables.update(overrides)
+    return Channel(variables), recording_id, consent_id
+
+
+def _make_files(rig: AgiRig, recording_id: str) -> list[Path]:
+    paths = [rig.config.parent / "recordings" / f"{recording_id}{suffix}" for suffix in (".wav", "-caller.wav", "-agent.wav")]
+    for path in paths:
+        path.write_bytes(b"RIFF")
+    return paths
+
+
+def _midcall(rig: AgiRig, argument: str) -> tuple[AgiSession, str]:
+    call_id = _call_id()
+    return rig.start(argument, call_id=call_id), call_id
+
+
+async def test_withdrawal_deletes_and_logs_even_when_stopmixmonitor_fails(agi_rig: AgiRig, ledger_rows) -> None:
+    channel, recording_id, consent_id = _recorded_channel(agi_rig)
+    channel.exec_replies["StopMixMonitor"] = "200 result=-2"  # app_mixmonitor not loaded: pyst2 raises
+    files = _make_files(agi_rig, recording_id)
+    session, call_id = _midcall(agi_rig, "midcall-withdraw-caller")
+    assert channel.serve(session) == 0, session.stderr()
+    assert "Traceback" not in session.stderr()
+    assert not any(path.exists() for path in files), "withdrawn means gone, also when the stop failed"
+    [row] = await ledger_rows(call_id)
+    assert (row["event"], str(row["consent_id"]), row["recording_id"]) == ("withdrawn", consent_id, recording_id)
+    detail = json.loads(row["detail"])
+    assert detail["deleted_files"] == 3 and detail["stop_failed"] is True
+    # Blocked before anything else: apply's MixMonitor and any resume see it.
+    assert channel.log.index("SET CONSENT_WITHDRAWN=1") < channel.log.index("EXEC StopMixMonitor")
+    assert channel.variables["CONSENT_WITHDRAWN"] == "1"
+    assert channel.executed[0] == ("StopMixMonitor", channel.variables["CONSENT_MIXMONITOR_ID"])
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc/passwd", "0" * 31 + ",", uuid.uuid4().hex.upper(), ""])
+async def test_withdrawal_with_a_malformed_recording_id_still_withdraws(agi_rig: AgiRig, ledger_rows, bad_id: str) -> None:
+    """The id on the channel is unusable: MixMonitor's own MIXMONITOR_FILENAME (checked: our
+    directory, 32 hex) names the files; the ledger gets ``withdrawn`` either way."""
+    channel, recording_id, _ = _recorded_channel(agi_rig, CONSENT_RECORDING_ID=bad_id)
+    files = _make_files(agi_rig, recording_id)
+    session, call_id = _midcall(agi_rig, "midcall-withdraw-caller")
+    assert channel.serve(session) == 0, session.stderr()
+    assert not any(path.exists() for path in files)
+    [row] = await ledger_rows(call_id)
+    assert (row["event"], row["recording_id"]) == ("withdrawn", recording_id)
+    assert json.loads(row["detail"])["recording_id_invalid"] is True
+    assert channel.variables["CONSENT_WITHDRAWN"] == "1"
+    assert [app for app, _ in channel.executed] == ["StopMixMonitor"]
+
+
+async def test_withdrawal_without_any_usable_recording_id_still_logs_withdrawn(agi_rig: AgiRig, ledger_rows) -> None:
+    channel, _, _ = _recorded_channel(agi_rig, CONSENT_RECORDING_ID="x,y", MIXMONITOR_FILENAME="/etc/passwd")
+    session, call_id = _midcall(agi_rig, "midcall-withdraw-caller")
+    assert channel.serve(session) == 0, session.stderr()
+    [row] = await ledger_rows(call_id)
+    assert (row["event"], row["recording_id"]) == ("withdrawn", None)
+    assert channel.variables["CONSENT_WITHDRAWN"] == "1"
+
+
+async def test_a_comma_in_the_recording_id_never_reaches_mixmonitor(agi_rig: AgiRig, ledger_rows) -> None:
+    """32 characters, but not hex: as a MixMonitor argument the comma would start MixMonitor's
+    command argument (run by a shell when recording ends)."""
+    channel, _, _ = _recorded_channel(
+        agi_rig, CONSENT_RECORDING_ID="a" * 18 + ",,touch /tmp/x", MIXMONITOR_FILENAME="",
+        CONSENT_PAUSED_AT="2026-12-01T10:00:00+00:00")
+    session, call_id = _midcall(agi_rig, "midcall-resume-agent")
+    assert channel.serve(session) == 0, session.stderr()
+    assert "MixMonitor" not in [app for app, _ in channel.executed]
+    assert await ledger_rows(call_id) == [], "a resume that did not happen is not logged"
+
+
+@pytest.mark.parametrize("paused_at", ["garbage", "2026-12-01T10:00:00", "2026-13-45T99:00:00+00:00", "9" * 200])
+async def test_a_bad_paused_at_is_taken_as_not_paused(agi_rig: AgiRig, ledger_rows, paused_at: str) -> None:
+    channel, _, _ = _recorded_channel(agi_rig, CONSENT_PAUSED_AT=paused_at)
+    session, call_id = _midcall(agi_rig, "midcall-pause-agent")
+    assert channel.serve(session) == 0, session.stderr()
+    assert "Traceback" not in session.stderr()
+    assert "consent.channel_variable_refused" in session.stderr()
+    assert [r["event"] for r in await ledger_rows(call_id)] == ["paused"]
+    assert datetime.fromisoformat(channel.variables["CONSENT_PAUSED_AT"]).tzinfo is not None
+
+
+async def test_a_legal_obligation_recording_can_be_paused_for_card_data(agi_rig: AgiRig, ledger_rows) -> None:
+    """PCI DSS: a "notified" (legal-obligation) recording must not capture card data either."""
+    channel, recording_id, _ = _recorded_channel(agi_rig, status="notified", CONSENT_RECORD_LEGS="")
+    session, call_id = _midcall(agi_rig, "midcall-pause-agent")
+    assert channel.serve(session) == 0, session.stderr()
+    assert [app for app, _ in channel.executed] == ["StopMixMonitor"]
+    [row] = await ledger_rows(call_id)
+    assert (row["event"], row["recording_id"]) == ("paused", recording_id)
+    channel.variables["CONSENT_MIXMONITOR_ID"] = ""
+    session, call_id = _midcall(agi_rig, "midcall-resume-agent")
+    assert channel.serve(session) == 0, session.stderr()
+    recordings = agi_rig.config.parent / "recordings"
+    assert channel.executed[-1] == ("MixMonitor", f"{recordings}/{recording_id}.wav,abi(CONSENT_MIXMONITOR_ID)")
+    assert [r["event"] for r in await ledger_rows(call_id)] == ["resumed"]
+
+
+async def test_a_failed_pause_is_not_logged(agi_rig: AgiRig, ledger_rows) -> None:
+    channel, _, _ = _recorded_channel(agi_rig)
+    channel.exec_replies["StopMixMonitor"] = "200 result=-2"
+    session, call_id = _midcall(agi_rig, "midcall-pause-agent")
+    assert channel.serve(session) == 0, session.stderr()
+    assert "Traceback" not in session.stderr()
+    assert await ledger_rows(call_id) == []
+    assert "CONSENT_PAUSED_AT" not in channel.variables
+
+
+async def test_a_resume_after_a_withdrawal_never_starts_mixmonitor(agi_rig: AgiRig, ledger_rows) -> None:
+    """The withdrawal lands between the resume's first read and its MixMonitor: the resume
+    reads CONSENT_WITHDRAWN again right before starting it."""
+    channel, _, _ = _recorded_channel(agi_rig, CONSENT_PAUSED_AT="2026-12-01T10:00:00+00:00")
+    channel.after_first_read["CONSENT_WITHDRAWN"] = "1"
+    session, call_id = _midcall(agi_rig, "midcall-resume-agent")
+    assert channel.serve(session) == 0, session.stderr()
+    assert "MixMonitor" not in [app for app, _ in channel.executed]
+    assert await ledger_rows(call_id) == []
+
+
+@pytest.mark.parametrize("variable, value", [("CONSENT_ID", "not-a-uuid"), ("CONSENT_PURPOSE", "training+x"),
+                                             ("CONSENT_STATUS", "granted\\")])
+async def test_unusable_variables_are_refused_and_named(agi_rig: AgiRig, ledger_rows, variable: str, value: str) -> None:
+    channel, _, _ = _recorded_channel(agi_rig, **{variable: value})
+    session, call_id = _midcall(agi_rig, "midcall-caller-records-caller")
+    assert channel.serve(session) == 0, session.stderr()
+    assert f'"variable": "{variable}"' in session.stderr()
+    if variable == "CONSENT_STATUS":  # an unknown status is not a reason to lose the caller's word
+        assert [r["event"] for r in await ledger_rows(call_id)] == ["caller-records"]
+    else:
+        assert await ledger_rows(call_id) == []
+
+
+async def test_star0_while_the_grant_is_stored_withdraws_before_any_recording(
+    agi_rig: AgiRig, ledger_rows, pg_dsn: str
+) -> None:
+    """res_agi reads and drops every frame between two commands, so a ``*0`` pressed while a
+    slow ledger stores the "1" would be lost and MixMonitor would record the call.  The port
+    listens after the key: CONSENT_WITHDRAWN=1 is set before the result ([consent-gate-apply]
+    then never starts MixMonitor), the caller's confirmation is "withdrawn", the agent hears
+    "not recorded", the ledger has granted, then withdrawn."""
+    locker = await asyncpg.connect(pg_dsn)
+    try:
+        transaction = locker.transaction()
+        await transaction.start()
+        await locker.execute("LOCK TABLE consent_events IN SHARE MODE")  # the grant's INSERT waits
+        call_id = _call_id()
+        session = agi_rig.start(call_id=call_id)
+        _answer(session)
+        session.expect(QUESTION, "200 result=49 endpos=100")  # "1"
+        assert session.command(answer_listening=False) == LISTEN
+        session.send("200 result=42\n")  # "*"
+        assert session.command(answer_listening=False) == LISTEN
+        session.send("200 result=48\n")  # "0"
+        await transaction.rollback()  # the ledger answers now
+    finally:
+        await locker.close()
+    session.expect(r'SET VARIABLE "CONSENT_WITHDRAWN" "1"', "200 result=1")
+    values = _results(session)
+    assert session.finish() == (0, [])
+    assert values["CONSENT_STATUS"] == "granted" and values["CONSENT_CONFIRMATION"] == f"{SOUNDS}/en/withdrawn"
+    assert values["CONSENT_AGENT_NOTICE"] == f"{SOUNDS}/en/agent-not-recorded"
+    granted, withdrawn = await ledger_rows(call_id)
+    assert (granted["event"], withdrawn["event"]) == ("granted", "withdrawn")
+    assert withdrawn["recording_id"] == granted["recording_id"] == values["CONSENT_RECORDING_ID"]
+    assert json.loads(withdrawn["detail"])["when"] == "before-recording"
+
+
+async def test_other_keys_heard_while_storing_change_nothing(agi_rig: AgiRig, ledger_rows) -> None:
+    call_id = _call_id()
+    session = agi_rig.start(call_id=call_id)
+    _answer(session)
+    session.expect(QUESTION, "200 result=49 endpos=100")
+    line = session.command(answer_listening=False)
+    if line == LISTEN:  # the ledger may already have answered
+        session.send("200 result=53\n")  # "5"
+        line = session.command()
+    assert line.startswith('SET VARIABLE "CONSENT_RESULT"'), line
+    session.send("200 result=1\n")
+    session.expect(r'SET VARIABLE "__CONSENT_AGENT_NOTICE" ".*"', "200 result=1")
+    assert session.finish() == (0, [])
+    assert [r["event"] for r in await ledger_rows(call_id)] == ["granted"]
