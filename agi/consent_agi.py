@@ -44,9 +44,10 @@ from consent_gate.dialog import (
 )
 from consent_gate.events import Decision, EventKind, utcnow
 from consent_gate.journal import Journal
-from consent_gate.ledger import Durability, Ledger
+from consent_gate.ledger import Ledger
 from consent_gate.logging import configure_logging
-from consent_gate.midcall import Action, CodeMatcher, MidCallState, Plan, Role
+from consent_gate.contract import CALLER_RECORDS_VARIABLE, PAUSED_AT_VARIABLE, WITHDRAWN_VARIABLE
+from consent_gate.midcall import Action, CodeMatcher, MidCallState, RecordingControlError, Role, execute_plan
 from consent_gate.prompts import PromptCatalog, PromptError
 from consent_gate.recordings import check_private_dir
 from consent_gate.retention import (
@@ -266,14 +267,15 @@ async def run_agi(settings: Settings, agi: Any, purpose_name: str) -> Decision |
         await port.stop_listening()
         if result.status is not Decision.ABANDONED:
             primary = next((p for p in purposes if p.name == result.purpose), purposes[0])
-            after = MidCallState.after_dialog(call, primary, result, state.language)
+            after = MidCallState.after_dialog(call, primary, result, state.language, settings)
             early = (after.plan(Action.WITHDRAW, Role.CALLER, settings.dialog, utcnow())
                      if heard_withdrawal(port.heard, settings) else None)
-            if early is not None:
+            if early is not None and early.stop_recording:
                 # Withdrawn while the grant was being stored: blocked before MixMonitor
                 # ([consent-gate-apply] honours CONSENT_WITHDRAWN), and the confirmation the
                 # caller hears is the withdrawal's.
-                await port._call(agi.set_variable, "CONSENT_WITHDRAWN", "1")
+                await port._call(agi.set_variable, WITHDRAWN_VARIABLE, "1")
+                after.withdrawn = True  # blocked: the agent greeting says "not recorded"
                 if early.caller_notice:
                     result = dataclasses.replace(result, confirmation=gate.prompt(state.language, early.caller_notice))
             await port.set_result(result)
@@ -472,20 +474,17 @@ def _delete_files(settings: Settings, recording_id: str | None) -> list[str]:
 
 async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) -> bool:
     """A mid-call code in AGI mode (features.conf applicationmap → Gosub → here), on the caller's
-    channel.  The state of the call lives in its channel variables, each validated here.
-    Returns True if it acted.  The order is the policy's: recording control, files, ledger,
-    channel variables, notices; a state is written only once its effect happened."""
+    channel.  The state of the call lives in its channel variables, each validated here; the
+    plan is carried out by the executor the ARI service uses too
+    (:func:`consent_gate.midcall.execute_plan`).  Returns True if it acted."""
     port = AgiPort(agi)
     steps = _Steps(port)
     channel = await read_channel_consent(port, settings)
     withdrawing = action is Action.WITHDRAW and role is Role.CALLER
-    if withdrawing and channel.may_be_recording and not channel.withdrawn:
-        # Block first: [consent-gate-apply] skips or stops MixMonitor and a resume never
-        # restarts it once CONSENT_WITHDRAWN is set, whatever fails below.
-        await steps.set("CONSENT_WITHDRAWN", "1")
     if channel.purpose is None or channel.consent_id is None:
         if withdrawing and channel.may_be_recording and not channel.withdrawn:
-            # Nothing to log the withdrawal under: still stop and delete what we can name.
+            # Nothing to log the withdrawal under: still block, stop and delete what we can name.
+            await steps.set(WITHDRAWN_VARIABLE, "1")
             deleted = _delete_files(settings, channel.recording_id)
             await steps.app("StopMixMonitor", channel.mixmonitor_id or "")
             deleted += _delete_files(settings, channel.recording_id)
@@ -496,14 +495,15 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
     call = call_info(agi.env)
     structlog.contextvars.bind_contextvars(call_id=call.call_id)
     catalog = PromptCatalog.load(settings.prompts_dir)
-    recording_id = channel.recording_id
-    if recording_id is None and channel.recording_id_invalid:
-        recording_id = UNKNOWN_RECORDING
+    purposes = [name for name in str(await port._call(agi.get_variable, "CONSENT_PURPOSES") or "").split(",")
+                if _PURPOSE_NAME.fullmatch(name)]
     state = MidCallState(
         call=call, purpose=channel.purpose, consent_id=channel.consent_id,
         language=pick_language(call.language, catalog.languages, settings.default_language),
-        recording_id=recording_id, caller_records=channel.caller_records,
+        recording_id=channel.recording_id, caller_records=channel.caller_records,
         withdrawn=channel.withdrawn, paused_at=channel.paused_at,
+        kept_by_law=channel.may_be_recording and MidCallState.law_keeps(settings, channel.purpose, purposes),
+        recording_unknown=channel.recording_id is None and channel.recording_id_invalid,
     )
     plan = state.plan(action, role, settings.dialog, utcnow())
     if plan is None:
@@ -513,52 +513,65 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
     await ledger.start()
     try:
         gate = GateContext(settings, catalog, ledger)
-        return await _carry_out(settings, gate, steps, state, plan, channel, role)
+        notices = CallerNotices()
+        outcome = await execute_plan(
+            plan, state, control=AgiRecordingControl(settings, steps, channel), ledger=ledger, gate=gate,
+            notices=notices, source="agi", now=utcnow(),
+            detail={"recording_id_invalid": True} if channel.recording_id_invalid else None)
+        if not outcome.acted:
+            return False
+        # The channel variables: the state as it now is (a later routine reads them back).
+        for name, value in ((CALLER_RECORDS_VARIABLE, "1" if state.caller_records else ""),
+                            (PAUSED_AT_VARIABLE, state.paused_at.isoformat() if state.paused_at else "")):
+            await steps.set(name, value)
+        # A later agent (transfer) hears the greeting as it is now.
+        await steps.set(f"__{AGENT_NOTICE_VARIABLE}", state.agent_greeting_media(gate))
+        # The routine runs on the caller's channel: only the caller's notice can be played here
+        # (mid-call agent notices need the ARI service's whispers).
+        for name in notices.caller if role is Role.CALLER else []:
+            prompt = gate.prompt(state.language, name)
+            await steps.run("notice", lambda: steps.port.play(prompt, stop_keys=""))
+        return True
     finally:
         await ledger.close()
 
 
-async def _carry_out(settings: Settings, gate: GateContext, steps: _Steps, state: MidCallState, plan: Plan,
-                     channel: ChannelConsent, role: Role) -> bool:
-    file_id = channel.recording_id  # only a validated id names files or a ledger row
-    detail: dict[str, object] = dict(plan.detail)
-    if channel.recording_id_invalid:
-        detail["recording_id_invalid"] = True
-    deleted: list[str] = []
-    # 1. Recording control.  A pause or resume that did not happen is not logged.
-    if plan.delete_recording:
-        deleted += _delete_files(settings, file_id)  # at once: an unlinked file leaves nothing behind
-    if plan.stop_recording or plan.mute:
-        # Dialplan has no "mute MixMonitor": a pause stops it, a resume appends to the same files.
-        stopped = await steps.app("StopMixMonitor", channel.mixmonitor_id or "")
-        if not stopped:
-            if not plan.stop_recording:
-                return False
-            detail["stop_failed"] = True
-    if plan.mute is False and not await _resume_recording(settings, steps, channel, file_id):
-        return False
-    # 2. Files: again after the stop, in case MixMonitor opened them only after the first pass.
-    if plan.delete_recording:
-        deleted += _delete_files(settings, file_id)
-        detail["deleted_files"] = len(deleted)
-    # 3. Ledger (database or journal).
-    if plan.ledger_event is not None:
-        event = dataclasses.replace(state, recording_id=file_id).event(gate, plan.ledger_event, "agi", **detail)
-        if await gate.ledger.append(event) is Durability.LOST:
-            log.error("consent.midcall_event_lost", event=str(plan.ledger_event))
-    # 4. Channel variables: the state as it now is.
-    for name, value in (("CONSENT_WITHDRAWN", "1" if state.withdrawn else ""),
-                        ("CONSENT_CALLER_RECORDS", "1" if state.caller_records else ""),
-                        ("CONSENT_PAUSED_AT", state.paused_at.isoformat() if state.paused_at else "")):
-        await steps.set(name, value)
-    # A later agent (transfer) hears the greeting as it is now.
-    await steps.set(f"__{AGENT_NOTICE_VARIABLE}", state.agent_greeting_media(gate))
-    # 5. Notices.  The routine runs on the caller's channel: only the caller's notice can be
-    # played here (mid-call agent notices need the ARI service's whispers).
-    if plan.caller_notice and role is Role.CALLER:
-        prompt = gate.prompt(state.language, plan.caller_notice)
-        await steps.run("notice", lambda: steps.port.play(prompt, stop_keys=""))
-    return True
+@dataclass
+class CallerNotices:
+    """The executor's notices in AGI mode: the caller's are played after the plan; an agent
+    cannot be reached from a routine on the caller's channel."""
+
+    caller: list[str] = field(default_factory=list)
+
+    def to_caller(self, prompt_name: str) -> None:
+        self.caller.append(prompt_name)
+
+    def to_agents(self, prompt_name: str) -> None:
+        log.info("consent.agent_notice_not_in_agi_mode", prompt=prompt_name)
+
+
+@dataclass
+class AgiRecordingControl:
+    """The call's MixMonitor through dialplan applications.  Dialplan has no "mute MixMonitor":
+    a pause stops it, a resume appends to the same files (unless withdrawn meanwhile)."""
+
+    settings: Settings
+    steps: _Steps
+    channel: ChannelConsent
+
+    async def block(self) -> None:
+        if not await self.steps.set(WITHDRAWN_VARIABLE, "1"):
+            raise RecordingControlError(f"could not set {WITHDRAWN_VARIABLE}")
+
+    async def stop(self) -> None:
+        if not await self.steps.app("StopMixMonitor", self.channel.mixmonitor_id or ""):
+            raise RecordingControlError("StopMixMonitor failed")
+
+    async def mute(self, muted: bool) -> None:
+        if muted:
+            await self.stop()
+        elif not await _resume_recording(self.settings, self.steps, self.channel, self.channel.recording_id):
+            raise RecordingControlError("MixMonitor could not be restarted")
 
 
 async def _resume_recording(settings: Settings, steps: _Steps, channel: ChannelConsent, file_id: str | None) -> bool:

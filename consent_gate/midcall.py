@@ -105,22 +105,29 @@ class MidCallState:
     # The recording is also kept for a purpose the law requires (e.g. MiFID II, status
     # "notified"): a *0 withdraws the consent purposes in the ledger, the recording stays.
     kept_by_law: bool = False
+    # The channel records (or may), but its recording id was unusable: a withdrawal or pause
+    # still acts (and is logged without the id) rather than doing nothing.
+    recording_unknown: bool = False
 
     @classmethod
     def after_dialog(cls, call: CallInfo, purpose: Purpose, result: DialogResult, language: str,
                      settings: Settings | None = None) -> MidCallState:
         """The state a call is in once the consent dialog has handed its result back."""
-        kept_by_law = not purpose.asks_consent
-        if settings is not None:
-            kept_by_law = kept_by_law or any(
-                (p := settings.purpose(name)) is not None and not p.asks_consent for name in result.purposes)
+        kept_by_law = (cls.law_keeps(settings, purpose, result.purposes) if settings is not None
+                       else not purpose.asks_consent)
         return cls(call=call, purpose=purpose, consent_id=result.consent_id, language=language,
                    recording_id=result.recording_id, caller_records=result.caller_records,
                    kept_by_law=kept_by_law and result.recording_id is not None)
 
     @property
     def recording(self) -> bool:
-        return self.recording_id is not None and (self.kept_by_law or not self.withdrawn)
+        return (self.recording_id is not None or self.recording_unknown) and (self.kept_by_law or not self.withdrawn)
+
+    @staticmethod
+    def law_keeps(settings: Settings, purpose: Purpose, purposes: list[str]) -> bool:
+        """Whether a purpose the law requires (not consent-based) keeps this call's recording."""
+        return not purpose.asks_consent or any(
+            (p := settings.purpose(name)) is not None and not p.asks_consent for name in purposes)
 
     def agent_greeting(self) -> list[str]:
         """What an agent hears on joining the call (first agent and after a transfer)."""
@@ -265,7 +272,8 @@ async def stop_with_retry(control: RecordingControl, attempts: int = STOP_ATTEMP
 
 
 async def execute_plan(plan: Plan, state: MidCallState, *, control: RecordingControl, ledger: Ledger,
-                       gate: GateContext, notices: Notices, source: str, now: datetime) -> Outcome:
+                       gate: GateContext, notices: Notices, source: str, now: datetime,
+                       detail: dict[str, object] | None = None) -> Outcome:
     """Carry out one plan, effects first, then the state and the ledger that record them.
 
     * withdraw: block the dialplan's MixMonitor, delete the files, stop the recorder (with
@@ -276,11 +284,12 @@ async def execute_plan(plan: Plan, state: MidCallState, *, control: RecordingCon
     * caller records: logged, then noted.
     """
     settings = gate.settings
+    extra = dict(detail or {})
     bound = log.bind(call_id=state.call.call_id, consent_id=state.consent_id, action=plan.action.value)
     if plan.action is Action.WITHDRAW and not plan.stop_recording:
         state.withdrawn = True  # the consent purposes; a recording the law requires goes on
-        durability = await ledger.append(state.event(gate, EventKind.WITHDRAWN, source, **plan.detail))
-        return Outcome(True, durability=durability)
+        stored: Durability | None = await ledger.append(state.event(gate, EventKind.WITHDRAWN, source, **plan.detail, **extra))
+        return Outcome(True, durability=stored)
     if plan.action is Action.WITHDRAW:
         blocked = True
         try:
@@ -294,11 +303,11 @@ async def execute_plan(plan: Plan, state: MidCallState, *, control: RecordingCon
         first = not state.withdrawn
         state.withdrawn, state.paused_at = True, None
         state.recorder_stopped = stop_error is None
-        durability = None
+        durability: Durability | None = None
         if plan.ledger_event is not None and first:
-            detail = dict(plan.detail, deleted_files=len(deleted), recorder_stopped=stop_error is None,
-                          blocked=blocked)
-            durability = await ledger.append(state.event(gate, plan.ledger_event, source, **detail))
+            event_detail = dict(plan.detail, **extra, deleted_files=len(deleted), recorder_stopped=stop_error is None,
+                                blocked=blocked)
+            durability = await ledger.append(state.event(gate, plan.ledger_event, source, **event_detail))
         if stop_error is not None:
             bound.error("midcall.withdrawal_recorder_running", error=stop_error, deleted_files=len(deleted))
         _notify(plan, notices)
@@ -314,7 +323,7 @@ async def execute_plan(plan: Plan, state: MidCallState, *, control: RecordingCon
         state.paused_at = now if plan.mute else None
     durability = None
     if plan.ledger_event is not None:
-        durability = await ledger.append(state.event(gate, plan.ledger_event, source, **plan.detail))
+        durability = await ledger.append(state.event(gate, plan.ledger_event, source, **plan.detail, **extra))
     if plan.action is Action.CALLER_RECORDS:
         state.caller_records = True
     _notify(plan, notices)

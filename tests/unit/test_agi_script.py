@@ -37,6 +37,7 @@ SOUNDS = "/snd/consent-gate"  # as Asterisk would see the prompts: only a string
 HMAC_KEY = "agi-test-hmac-key-0123456789abcdef"
 STEP_TIMEOUT = 20.0  # seconds for the script to write its next command (includes start-up)
 LISTEN = "WAIT FOR DIGIT 50"  # AgiPort listening between commands after a key
+DISCARD = "WAIT FOR DIGIT 10"  # AgiPort.discard_keys before each purpose's question
 
 
 
@@ -56,6 +57,7 @@ class AgiSession:
     stderr_path: Path
     commands: list[str] = field(default_factory=list)
     listened: int = 0
+    discarded: int = 0
     _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
 
     def __post_init__(self) -> None:
@@ -84,6 +86,10 @@ class AgiSession:
             assert line is not None, f"the script ended; commands so far {self.commands}\n{self.stderr()}"
             if answer_listening and line == LISTEN:
                 self.listened += 1
+                self.send("200 result=0\n")
+                continue
+            if answer_listening and line == DISCARD:
+                self.discarded += 1  # no key queued before the question
                 self.send("200 result=0\n")
                 continue
             self.commands.append(line)
@@ -572,7 +578,7 @@ async def test_withdrawal_deletes_and_logs_even_when_stopmixmonitor_fails(agi_ri
     [row] = await ledger_rows(call_id)
     assert (row["event"], str(row["consent_id"]), row["recording_id"]) == ("withdrawn", consent_id, recording_id)
     detail = json.loads(row["detail"])
-    assert detail["deleted_files"] == 3 and detail["stop_failed"] is True
+    assert detail["deleted_files"] == 3 and detail["recorder_stopped"] is False
     # Blocked before anything else: apply's MixMonitor and any resume see it.
     assert channel.log.index("SET CONSENT_WITHDRAWN=1") < channel.log.index("EXEC StopMixMonitor")
     assert channel.variables["CONSENT_WITHDRAWN"] == "1"
