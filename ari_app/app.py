@@ -93,9 +93,13 @@ class ConsentGateApp:
                for call in self.calls):
             return  # a duplicate StasisStart for a dialog that runs already
         caller = _object(channel.get("caller"))
+        number = contract.valid_caller_text(str(caller.get("number") or ""))
+        if number is None:
+            # Refused, not cleaned: the call goes on as from an unknown number (no pseudonym).
+            log.warning("consent.caller_number_refused", channel=channel_id, reason="control character or too long")
         info = CallInfo(
             call_id=channel_id,
-            caller_number=str(caller.get("number") or ""),
+            caller_number=number or "",
             language=str(channel.get("language") or ""),
         )
         call = Call(

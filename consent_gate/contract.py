@@ -54,6 +54,15 @@ _PURPOSE = re.compile(r"[a-z0-9-]{1,40}")
 _MIXMONITOR_ID = re.compile(r"[0-9A-Za-z_.:-]{1,80}")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def valid_caller_text(value: object, limit: int = 80) -> str | None:
+    """Caller ID text as a channel reports it, or None when it holds a control character (a line
+    break would let a caller rewrite an AGI environment or a log line) or is absurdly long."""
+    return value if isinstance(value, str) and len(value) <= limit and not _CONTROL.search(value) else None
+
+
 def valid_recording_id(value: object) -> str | None:
     """A recording id (32 lowercase hex) or None: the only thing a file name is built from."""
     return value if isinstance(value, str) and _RECORDING_ID.fullmatch(value) else None

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Randomised callers on the ARI-Local tier: the invariant over many calls (default 1,000).
 
-    python3 bench/load/random_callers.py --calls 1000 --concurrency 30 [--seed N] --out bench/load/random-callers.json
+    python3 bench/load/random_callers.py --calls 1000 --concurrency 30 [--seed N] [--ami-faults] --out bench/load/random-callers.json
 
 Each call is a Local channel pair originated through ARI on the sandbox Asterisk: the ;2 half
 goes through the real ARI gate (extension ``500-TAG``), the ;1 half (``cgcaller``) keys with
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import loadlib  # noqa: E402
 from consent_gate.rig.harness import AsteriskLog  # noqa: E402
-from tests.integration.test_faults_load import random_run  # noqa: E402
+from tests.integration.test_faults_load import flaky_ami, random_run  # noqa: E402
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -42,8 +42,17 @@ async def main_async(args: argparse.Namespace) -> int:
         log = AsteriskLog(rig.asterisk.full_log)
         before = rig.recordings()
         started = time.monotonic()
-        report = await random_run(rig.asterisk, rig.pg.dsn, log, calls=args.calls, concurrency=args.concurrency,
-                                  seed=args.seed, tag_prefix=f"rc{uuid.uuid4().hex[:6]}")
+        faults: dict[str, int] = {}
+        if args.ami_faults:
+            # The service's AMI through a proxy that refuses and cuts connections (seeded).
+            async with flaky_ami(rig.gate, rig.asterisk, args.seed) as proxy:
+                report = await random_run(rig.asterisk, rig.pg.dsn, log, calls=args.calls,
+                                          concurrency=args.concurrency, seed=args.seed,
+                                          tag_prefix=f"rc{uuid.uuid4().hex[:6]}")
+                faults = {"refused": proxy.refused, "cut": proxy.cuts, "forwarded": proxy.forwarded}
+        else:
+            report = await random_run(rig.asterisk, rig.pg.dsn, log, calls=args.calls, concurrency=args.concurrency,
+                                      seed=args.seed, tag_prefix=f"rc{uuid.uuid4().hex[:6]}")
         elapsed = time.monotonic() - started
         alive = rig.gate.running
         channels_left = rig.channels()
@@ -56,6 +65,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "withdrawal_keyed_but_not_withdrawn": report.withdrawal_ignored,
             "recordings_kept": len({name.split("-")[0].removesuffix(".wav") for name in new_files}),
             "violations": report.violations, "service_alive": alive, "channels_left": channels_left,
+            "ami_faults": faults,
         }
         print(json.dumps(result, indent=2))
         args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -76,6 +86,8 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/consent-gate-random-callers"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "random-callers.json")
     parser.add_argument("--keep-recordings", action="store_true")
+    parser.add_argument("--ami-faults", action="store_true",
+                        help="put the service's AMI behind a proxy that refuses and cuts connections")
     args = parser.parse_args()
     if args.calls > 5000 or args.concurrency > 60:
         parser.error("bounded by design: at most 5000 calls and 60 at once")

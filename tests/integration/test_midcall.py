@@ -272,7 +272,6 @@ async def test_agi_mode_pause_of_a_legal_obligation_recording(
 
 # Needs [consent-gate-apply] to play the confirmation with Read() when ARG1 is "agi" (the
 # snippet is in dialplan/README.md "Withdrawal before the bridge"): Playback() hears no key.
-@pytest.mark.xfail(strict=True, reason="[consent-gate-apply] still plays the confirmation with Playback()")
 async def test_agi_mode_withdrawal_during_the_confirmation(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
     speech_wav: Path, test_tag: str,
@@ -300,8 +299,6 @@ async def test_agi_mode_withdrawal_during_the_confirmation(
     assert [e["event"] for e in await ledger_events(pg_dsn, result.consent_id)] == ["granted", "withdrawn"]
 
 
-@pytest.mark.xfail(strict=True, reason="[consent-gate-apply] does not yet skip MixMonitor on CONSENT_WITHDRAWN=1 "
-                   "nor hear *0 during the confirmation")
 @pytest.mark.parametrize("gap", [0.2, 0.6])
 async def test_agi_mode_consent_then_quick_withdrawal_leaves_no_recording(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,

@@ -439,3 +439,13 @@ async def test_the_stasis_end_of_the_hand_back_does_not_end_the_watch(rig: Rig) 
     await rig.keys("*0")
     await eventually(lambda: withdrawn_events(rig) != [])
     assert rig.recording_files(recording_id) == []
+
+
+@pytest.mark.parametrize("number", ["+4512\n345678", "+45\x0012", "1" * 200])
+async def test_a_caller_number_with_control_characters_is_not_used(rig: Rig, number: str) -> None:
+    await rig.start_call(channel=dict(CALLER, caller={"number": number}))
+    await eventually(lambda: len(rig.plays()) == 1)
+    await rig.keys("1")
+    await eventually(lambda: rig.ledger.events != [])
+    [event] = rig.ledger.events
+    assert event.caller_ref is None and event.caller_number is None
