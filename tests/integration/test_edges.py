@@ -69,6 +69,19 @@ async def dial(phones: Phones, asterisk_log: AsteriskLog, tag: str, exten: str, 
     return caller
 
 
+async def recorded_call(asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, tag: str):  # noqa: ANN201
+    """A consenting caller bridged to the agent, once the recording exists."""
+    caller = await dial(phones, asterisk_log, tag, "200", "question-training")
+    await caller.send_dtmf("1")
+    result = await asterisk_log.gate_result(tag, 20)
+    agent = await phones.agent.wait_incoming(20)
+    await agent.answer()
+    await caller.wait_answered(10)
+    await wait_until(lambda: (asterisk.recordings_dir / f"{result.recording_id}.wav").exists(), 10,
+                     "the recording to exist")
+    return caller, agent, result
+
+
 # -- case 2 -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("slow_ledger", [False, True], ids=["fast-ledger", "slow-ledger"])
@@ -146,14 +159,7 @@ async def test_withdrawal_without_ami_still_leaves_no_recording(
     gate.extra_env.update(fault)
     try:
         await gate.start()
-        caller = await dial(phones, asterisk_log, test_tag, "200", "question-training")
-        await caller.send_dtmf("1")
-        result = await asterisk_log.gate_result(test_tag, 20)
-        agent = await phones.agent.wait_incoming(20)
-        await agent.answer()
-        await caller.wait_answered(10)
-        await wait_until(lambda: (asterisk.recordings_dir / f"{result.recording_id}.wav").exists(), 10,
-                         "the recording to exist before the withdrawal")
+        caller, agent, result = await recorded_call(asterisk, asterisk_log, phones, test_tag)
         await caller.play_silence(1.0)
         await caller.send_dtmf("*0")
         withdrawn = await wait_for_event(pg_dsn, result.consent_id, "withdrawn")
@@ -180,14 +186,7 @@ async def test_a_call_in_progress_keeps_its_withdrawal_across_a_service_restart(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
     test_tag: str,
 ) -> None:
-    caller = await dial(phones, asterisk_log, test_tag, "200", "question-training")
-    await caller.send_dtmf("1")
-    result = await asterisk_log.gate_result(test_tag, 20)
-    agent = await phones.agent.wait_incoming(20)
-    await agent.answer()
-    await caller.wait_answered(10)
-    await wait_until(lambda: (asterisk.recordings_dir / f"{result.recording_id}.wav").exists(), 10,
-                     "the recording")
+    caller, agent, result = await recorded_call(asterisk, asterisk_log, phones, test_tag)
     await gate.stop(kill=True)  # a crash while the call is recorded
     await gate.start()
     await wait_until(lambda: '"ari.call_adopted"' in gate.log_text(), 15, "the call adopted by the new process")

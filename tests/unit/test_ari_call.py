@@ -31,28 +31,12 @@ from consent_gate.events import ConsentEvent, EventKind
 from consent_gate.ledger import Durability
 from consent_gate.prompts import PromptCatalog
 from consent_gate.rig.fakes import PASSWORD, USER, FakeAmi, FakeAri
+from consent_gate.rig.harness import SANDBOX_PURPOSES as PURPOSES
 
 REPO = Path(__file__).resolve().parents[2]
 SOUNDS = REPO / "prompts" / "sounds"
 CATALOG = PromptCatalog.load(SOUNDS)
 T = 5.0  # bound for every wait; never slept
-PURPOSES = """
-[purposes.training]
-legal_basis = "consent"
-prompt = "question-training"
-retention_days = 90
-training_copy = true
-
-[purposes.documentation]
-legal_basis = "consent"
-prompt = "question-documentation"
-retention_days = 365
-
-[purposes.securities]
-legal_basis = "legal-obligation"
-prompt = "notice-legal-obligation"
-retention_days = 1825
-"""
 CALLER = {"id": "c1", "name": "PJSIP/caller-00000001", "caller": {"number": "+4512345678"}, "language": "en",
           "dialplan": {"app_name": "Stasis"}}
 

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,15 +77,6 @@ async def rows_for(dsn: str, call_id: str) -> list[asyncpg.Record]:
         return await connection.fetch("SELECT * FROM consent_events WHERE call_id = $1 ORDER BY seq", call_id)
     finally:
         await connection.close()
-
-
-@pytest.fixture
-async def ledger(pg_dsn: str, tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(pg_dsn, Journal(tmp_path / "journal"), write_timeout=5.0)
-    try:
-        yield ledger
-    finally:
-        await ledger.close()
 
 
 # -- the bad lines, around good ones, through a real PostgreSQL ------------------------------

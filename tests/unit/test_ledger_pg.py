@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -62,15 +61,6 @@ async def fresh_database(sandbox: PgSandbox) -> str:
     finally:
         await admin.close()
     return app_dsn(sandbox, name)
-
-
-@pytest.fixture
-async def ledger(pg_dsn: str, tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(pg_dsn, Journal(tmp_path / "journal"), write_timeout=5.0)
-    try:
-        yield ledger
-    finally:
-        await ledger.close()
 
 
 async def rows_for(dsn: str, call_id: str) -> list[asyncpg.Record]:

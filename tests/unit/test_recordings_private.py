@@ -18,7 +18,7 @@ import socketserver
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -27,7 +27,6 @@ import pytest
 from consent_gate.config import load_settings
 from consent_gate.dialog import CallInfo, GateContext, PromptRef, run_consent_dialog
 from consent_gate.events import Decision
-from consent_gate.journal import Journal
 from consent_gate.ledger import Ledger
 from consent_gate.prompts import PromptCatalog
 from consent_gate.recordings import (
@@ -114,15 +113,6 @@ class KeyOnePort:
 
     async def discard_keys(self) -> None:
         pass
-
-
-@pytest.fixture
-async def ledger(pg_dsn: str, tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(pg_dsn, Journal(tmp_path / "journal"), write_timeout=5.0)
-    try:
-        yield ledger
-    finally:
-        await ledger.close()
 
 
 async def _consenting_call(private: Path, ledger: Ledger, pg_dsn: str, call_id: str) -> tuple[Decision, dict]:
