@@ -12,14 +12,14 @@
 --                     and holds, redact only through consent_redact(), manage training copies.
 --
 -- Both are NOLOGIN groups: give each service user its own login role, e.g.
---   CREATE ROLE asterisk LOGIN IN ROLE consent_gate_gate;         -- the AGI script (peer auth)
---   CREATE ROLE "consent-gate" LOGIN IN ROLE consent_gate_gate;   -- the ARI service (peer auth)
+--   CREATE ROLE asterisk LOGIN IN ROLE consent_gate_gate;   -- the AGI script and the ARI service
+--                                                           -- (both run as asterisk; peer auth)
 --   CREATE ROLE consent_gate_tools LOGIN IN ROLE consent_gate_admin;
 --   \password consent_gate_tools     -- the same password as /etc/consent-gate/admin-pgpass
 -- The tools (deploy/consent-gate-api.service, consent-gate-retention.service) run as their own
 -- OS user consent-gate-admin and get that password as a systemd credential; with peer auth
 -- instead, CREATE ROLE "consent-gate-admin" LOGIN IN ROLE consent_gate_admin.  Never make the
--- asterisk role (or "consent-gate") a member of consent_gate_admin: Asterisk would then hold
+-- asterisk role a member of consent_gate_admin: Asterisk would then hold
 -- the right to redact and to read every caller's decisions.
 -- Neither owns a table, so neither can ALTER TABLE ... DISABLE TRIGGER: the append-only
 -- guarantee holds against the service's own credentials.  Keep the owning (migrating) role for
