@@ -200,3 +200,25 @@ async def test_a_call_in_progress_keeps_its_withdrawal_across_a_service_restart(
     assert [e["event"] for e in events] == ["granted", "withdrawn"]
     await call_ended_in_service(gate, events[0]["call_id"])
     assert not recording_set(result.recording_id) & recording_files(asterisk)
+
+
+# -- case 2, the ringing phase (ARI mode: the channel subscription hears keys during Dial) ----------
+
+async def test_a_withdrawal_while_the_agent_rings_leaves_no_recording(
+    asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
+    test_tag: str,
+) -> None:
+    caller = await dial(phones, asterisk_log, test_tag, "200", "question-training")
+    await caller.send_dtmf("1")
+    result = await asterisk_log.gate_result(test_tag, 20)
+    agent = await phones.agent.wait_incoming(20)  # ringing: not answered yet
+    await caller.send_dtmf("*0")
+    withdrawn = await wait_for_event(pg_dsn, result.consent_id, "withdrawn")
+    await agent.answer()
+    await caller.wait_answered(10)
+    await caller.play_silence(2.0)  # the conversation that must not be recorded
+    await caller.hangup()
+    await agent.wait_hangup(10)
+    assert withdrawn["recording_id"] == result.recording_id
+    await call_ended_in_service(gate, withdrawn["call_id"])
+    assert not recording_set(result.recording_id) & recording_files(asterisk)
