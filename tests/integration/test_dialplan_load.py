@@ -53,7 +53,10 @@ async def test_every_shipped_context_is_loaded(asterisk: AsteriskSandbox) -> Non
         assert "'s' =>" in text, text
     assert "Stasis(${LOCAL(app)},${LOCAL(purpose)})" in shown["consent-gate"]
     assert "AGI(${CONSENT_GATE_AGI},${LOCAL(purpose)})" in shown["consent-gate-agi"]
-    assert "MixMonitor(${CONSENT_GATE_RECORDINGS}/${LOCAL(recid)}.wav)" in shown["consent-gate-apply"]
+    assert ("MixMonitor(${CONSENT_GATE_RECORDINGS}/${LOCAL(recid)}.wav,${LOCAL(bridged)}i(CONSENT_MIXMONITOR_ID))"
+            in shown["consent-gate-apply"])
+    # A withdrawal keyed before the recorder starts keeps it from starting, and stops it right after.
+    assert shown["consent-gate-apply"].count('GotoIf($["${CONSENT_WITHDRAWN}" = "1"]') == 2
     # Labels the Gotos jump to exist where the shipped text puts them.
     assert re.search(r"\[apply\]\s+\d+\. Gosub\(consent-gate-apply,s,1\)", shown["consent-gate"])
     assert re.search(r"\[done\]\s+\d+\. Return\(\)", shown["consent-gate-agi"])
