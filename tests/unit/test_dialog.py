@@ -168,12 +168,9 @@ class FakeLedger:
 
 
 @pytest.fixture
-async def pg_ledger(pg_dsn: str, tmp_path: Path) -> AsyncIterator[Ledger]:
-    ledger = Ledger(pg_dsn, Journal(tmp_path / "journal"), write_timeout=5.0)
-    try:
-        yield ledger
-    finally:
-        await ledger.close()
+def pg_ledger(ledger: Ledger) -> Ledger:
+    """The real Ledger on the test PostgreSQL (tests/unit/conftest.py)."""
+    return ledger
 
 
 @pytest.fixture
