@@ -58,9 +58,9 @@ class AmiClient:
 
     async def _connect(self) -> None:
         cfg = self._config
-        self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(cfg.host, cfg.port), cfg.timeout)
-        await asyncio.wait_for(self._reader.readline(), cfg.timeout)  # "Asterisk Call Manager/x.y"
+        reader, self._writer = await asyncio.wait_for(asyncio.open_connection(cfg.host, cfg.port), cfg.timeout)
+        self._reader = reader
+        await asyncio.wait_for(reader.readline(), cfg.timeout)  # "Asterisk Call Manager/x.y"
         reply = await self._send("Login", {"Username": cfg.username, "Secret": cfg.secret, "Events": "off"})
         if reply.get("Response") != "Success":
             await self.close()

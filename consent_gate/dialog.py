@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Collection
 from typing import Callable, Protocol
 
 import structlog
@@ -61,7 +62,7 @@ class PromptSource(Protocol):
     def path(self, lang: str, name: str) -> object: ...
     def version(self, lang: str, name: str) -> str: ...
     @property
-    def languages(self) -> object: ...
+    def languages(self) -> Collection[str]: ...
 
 
 @dataclass(frozen=True)
