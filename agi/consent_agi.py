@@ -20,7 +20,6 @@ import select
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,14 +45,32 @@ from consent_gate.events import Decision, EventKind, utcnow
 from consent_gate.journal import Journal
 from consent_gate.ledger import Ledger
 from consent_gate.logging import configure_logging
-from consent_gate.contract import CALLER_RECORDS_VARIABLE, PAUSED_AT_VARIABLE, WITHDRAWN_VARIABLE
-from consent_gate.midcall import Action, CodeMatcher, MidCallState, RecordingControlError, Role, execute_plan
+from consent_gate.contract import (
+    CALLER_RECORDS_VARIABLE,
+    CHANNEL_STATUSES,
+    CONTROL_CHARACTERS,
+    PAUSED_AT_VARIABLE,
+    RECORDING_STATUSES,
+    WITHDRAWN_VARIABLE,
+    valid_consent_id,
+    valid_purpose_name,
+    valid_recording_id,
+    valid_status,
+    valid_time,
+)
+from consent_gate.midcall import (
+    Action,
+    CodeMatcher,
+    MidCallState,
+    RecordingControlError,
+    Role,
+    delete_files,
+    execute_plan,
+)
 from consent_gate.prompts import PromptCatalog, PromptError
 from consent_gate.recordings import check_private_dir
 from consent_gate.retention import (
     RECORDING_FILE_SUFFIXES,
-    delete_recording_files,
-    recording_files,
 )
 
 log = structlog.get_logger(__name__)
@@ -176,7 +193,6 @@ MAX_ENVIRONMENT_LINE = 4096
 _ENVIRONMENT_LINE = re.compile(r"(agi_[a-z0-9_]{1,40}): ?(.*)", re.DOTALL)
 _ARGUMENT_KEY = re.compile(r"agi_arg_([1-9][0-9]?)")
 # C0, DEL and C1 controls; a raw "\r" reaches here too (stdin is read with newline="\n").
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Asterisk's uniqueid: "<epoch>.<sequence>", prefixed "<systemname>-" when systemname is set.
 _UNIQUEID = re.compile(r"(?:[A-Za-z0-9_.-]{1,40}-)?[0-9]{1,20}\.[0-9]{1,10}")
 
@@ -200,7 +216,7 @@ def read_agi_environment(stream: IO[str], argument: str) -> dict[str, str]:
             raise AgiInputError(f"AGI environment line {number}: unexpected key {key}")
         if key in env:
             raise AgiInputError(f"AGI environment line {number}: {key} given twice")
-        if _CONTROL_CHARS.search(value):
+        if CONTROL_CHARACTERS.search(value):
             raise AgiInputError(f"AGI environment line {number}: {key} contains a control character")
         env[key] = value
     else:
@@ -311,48 +327,7 @@ def parse_midcall(argument: str) -> tuple[Action, Role] | None:
 
 # -- the call's consent state, read back from its channel variables ---------------------------
 
-# Statuses [consent-gate-apply] leaves; "granted" and "notified" (legal obligation) record.
-CHANNEL_STATUSES = frozenset(("granted", "declined", "no-input", "notified", "unavailable"))
-RECORDING_STATUSES = frozenset(("granted", "notified"))
 NOT_RECORDING_STATUSES = CHANNEL_STATUSES - RECORDING_STATUSES
-_RECORDING_ID = re.compile(r"[0-9a-f]{32}")
-_PURPOSE_NAME = re.compile(r"[a-z0-9-]{1,40}")
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-# The policy must treat a call whose channel says "recording" as recorded even when its
-# recording id is unusable (a withdrawal or a pause must still act).  This marker is never
-# used for a path, a MixMonitor or a ledger row.
-UNKNOWN_RECORDING = "unknown"
-
-
-def parse_consent_id(value: str) -> str | None:
-    """CONSENT_ID: a UUID in its canonical form, else None."""
-    if not _UUID.fullmatch(value):
-        return None
-    return str(uuid.UUID(value))
-
-
-def parse_recording_id(value: str) -> str | None:
-    """CONSENT_RECORDING_ID: 32 lowercase hex characters (all a file name is made of), else None."""
-    return value if _RECORDING_ID.fullmatch(value) else None
-
-
-def parse_status(value: str) -> str | None:
-    return value if value in CHANNEL_STATUSES else None
-
-
-def parse_paused_at(value: str) -> datetime | None:
-    """CONSENT_PAUSED_AT: an ISO time with a time zone, as this script writes it."""
-    if not value:
-        return None
-    if len(value) > 40:
-        raise AgiInputError("CONSENT_PAUSED_AT is not an ISO time")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise AgiInputError("CONSENT_PAUSED_AT is not an ISO time") from None
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise AgiInputError("CONSENT_PAUSED_AT has no time zone")
-    return parsed
 
 
 def recording_id_from_mixmonitor(value: str, recordings_dir: Path) -> str | None:
@@ -361,7 +336,7 @@ def recording_id_from_mixmonitor(value: str, recordings_dir: Path) -> str | None
     path = Path(value)
     if path.parent != recordings_dir or not path.name.endswith(".wav"):
         return None
-    return parse_recording_id(path.name.removesuffix(".wav"))
+    return valid_recording_id(path.name.removesuffix(".wav"))
 
 
 @dataclass(frozen=True)
@@ -393,20 +368,20 @@ async def read_channel_consent(port: AgiPort, settings: Settings) -> ChannelCons
         log.warning("consent.channel_variable_refused", variable=name, reason=why)
 
     raw_purpose = await var("CONSENT_PURPOSE")
-    purpose = settings.purpose(raw_purpose) if _PURPOSE_NAME.fullmatch(raw_purpose) else None
+    purpose = settings.purpose(raw_purpose) if valid_purpose_name(raw_purpose) else None
     if purpose is None and raw_purpose:
         refused("CONSENT_PURPOSE")
     raw_id = await var("CONSENT_ID")
-    consent_id = parse_consent_id(raw_id)
+    consent_id = valid_consent_id(raw_id)
     if consent_id is None and raw_id:
         refused("CONSENT_ID")
     raw_status = await var("CONSENT_STATUS")
-    status = parse_status(raw_status)
+    status = valid_status(raw_status)
     if status is None:
         refused("CONSENT_STATUS")
     recording_id, recording_id_invalid = None, False
     if status is None or status in RECORDING_STATUSES:
-        recording_id = parse_recording_id(await var("CONSENT_RECORDING_ID"))
+        recording_id = valid_recording_id(await var("CONSENT_RECORDING_ID"))
         if recording_id is None:
             refused("CONSENT_RECORDING_ID")
             recording_id_invalid = True
@@ -414,13 +389,12 @@ async def read_channel_consent(port: AgiPort, settings: Settings) -> ChannelCons
     withdrawn_flag = await var("CONSENT_WITHDRAWN")
     if withdrawn_flag not in ("", "1"):
         refused("CONSENT_WITHDRAWN", "neither empty nor 1: taken as withdrawn")
-    try:
-        paused_at = parse_paused_at(await var("CONSENT_PAUSED_AT"))
-    except AgiInputError as error:
-        refused("CONSENT_PAUSED_AT", f"{error}: taken as not paused")
-        paused_at = None
+    raw_paused_at = await var("CONSENT_PAUSED_AT")
+    paused_at = valid_time(raw_paused_at) if raw_paused_at else None
+    if raw_paused_at and paused_at is None:
+        refused("CONSENT_PAUSED_AT", "not an ISO time with a time zone: taken as not paused")
     raw_mixmonitor = await var("CONSENT_MIXMONITOR_ID")
-    mixmonitor_id = parse_consent_id(raw_mixmonitor)  # MixMonitor's i() ids are UUIDs too
+    mixmonitor_id = valid_consent_id(raw_mixmonitor)  # MixMonitor's i() ids are UUIDs too
     if mixmonitor_id is None and raw_mixmonitor:
         refused("CONSENT_MIXMONITOR_ID")
     return ChannelConsent(
@@ -462,16 +436,6 @@ class _Steps:
         return await self.run(name, lambda: self.port._call(self.port.agi.appexec, name, arguments))
 
 
-def _delete_files(settings: Settings, recording_id: str | None) -> list[str]:
-    if recording_id is None:
-        return []
-    try:
-        return delete_recording_files(recording_files(settings.recordings_dir, recording_id))
-    except OSError as error:
-        log.error("consent.recording_delete_failed", recording_id=recording_id, error=str(error))
-        return []
-
-
 async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) -> bool:
     """A mid-call code in AGI mode (features.conf applicationmap → Gosub → here), on the caller's
     channel.  The state of the call lives in its channel variables, each validated here; the
@@ -485,9 +449,9 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
         if withdrawing and channel.may_be_recording and not channel.withdrawn:
             # Nothing to log the withdrawal under: still block, stop and delete what we can name.
             await steps.set(WITHDRAWN_VARIABLE, "1")
-            deleted = _delete_files(settings, channel.recording_id)
+            deleted = delete_files(settings.recordings_dir, channel.recording_id)
             await steps.app("StopMixMonitor", channel.mixmonitor_id or "")
-            deleted += _delete_files(settings, channel.recording_id)
+            deleted += delete_files(settings.recordings_dir, channel.recording_id)
             log.error("consent.withdrawal_not_logged", reason="CONSENT_PURPOSE or CONSENT_ID unusable",
                       deleted_files=len(deleted))
             return True
@@ -496,7 +460,7 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
     structlog.contextvars.bind_contextvars(call_id=call.call_id)
     catalog = PromptCatalog.load(settings.prompts_dir)
     purposes = [name for name in str(await port._call(agi.get_variable, "CONSENT_PURPOSES") or "").split(",")
-                if _PURPOSE_NAME.fullmatch(name)]
+                if valid_purpose_name(name)]
     state = MidCallState(
         call=call, purpose=channel.purpose, consent_id=channel.consent_id,
         language=pick_language(call.language, catalog.languages, settings.default_language),
@@ -514,11 +478,11 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
     try:
         gate = GateContext(settings, catalog, ledger)
         notices = CallerNotices()
-        outcome = await execute_plan(
+        acted = await execute_plan(
             plan, state, control=AgiRecordingControl(settings, steps, channel), ledger=ledger, gate=gate,
             notices=notices, source="agi", now=utcnow(),
             detail={"recording_id_invalid": True} if channel.recording_id_invalid else None)
-        if not outcome.acted:
+        if not acted:
             return False
         # The channel variables: the state as it now is (a later routine reads them back).
         for name, value in ((CALLER_RECORDS_VARIABLE, "1" if state.caller_records else ""),

@@ -18,7 +18,7 @@ from . import metrics
 from .ami import AmiClient
 from .call import Call, CallState, release_unrecorded
 from .midcall import SNOOP_ARG
-from .router import Router
+from .router import Router, event_channel, sub_object
 from .transport import AriClient, AriError
 
 log = structlog.get_logger(__name__)
@@ -68,8 +68,9 @@ class ConsentGateApp:
             case _:
                 self.router.route(event)
                 if event.get("type") in ("StasisEnd", "ChannelDestroyed"):
-                    for handler in self.router.handlers(f"channel:{_channel_id(event)}"):
-                        if isinstance(handler, Call) and handler.channel_id == _channel_id(event):
+                    channel_id = event_channel(event)
+                    for handler in self.router.handlers(f"channel:{channel_id}"):
+                        if isinstance(handler, Call) and handler.channel_id == channel_id:
                             self._schedule_cleanup(handler)
 
     def count_dialogs(self) -> int:
@@ -79,7 +80,7 @@ class ConsentGateApp:
         return sum(1 for call in self.calls if call.state is CallState.WATCHING)
 
     def _on_stasis_start(self, event: dict[str, Any]) -> None:
-        channel = _object(event.get("channel"))
+        channel = sub_object(event.get("channel"))
         channel_id = str(channel.get("id") or "")
         if not channel_id:
             return
@@ -92,7 +93,7 @@ class ConsentGateApp:
         if any(call.channel_id == channel_id and call.state not in (CallState.WATCHING, CallState.ENDED)
                for call in self.calls):
             return  # a duplicate StasisStart for a dialog that runs already
-        caller = _object(channel.get("caller"))
+        caller = sub_object(channel.get("caller"))
         number = contract.valid_caller_text(str(caller.get("number") or ""))
         if number is None:
             # Refused, not cleaned: the call goes on as from an unknown number (no pseudonym).
@@ -151,7 +152,7 @@ class ConsentGateApp:
             log.warning("ari.orphan_scan_failed", error=str(error))
             return
         known = {call.channel_id for call in self.calls}
-        for channel_id in _object(info).get("channel_ids", []):
+        for channel_id in sub_object(info).get("channel_ids", []):
             if not isinstance(channel_id, str) or channel_id in known or channel_id.startswith("cg-snoop-"):
                 continue
             try:
@@ -160,7 +161,7 @@ class ConsentGateApp:
                 continue
             if channel is None:
                 continue
-            if _object(channel.get("dialplan")).get("app_name") != "Stasis":
+            if sub_object(channel.get("dialplan")).get("app_name") != "Stasis":
                 await self._adopt(channel_id, channel)
                 continue
             log.warning("ari.orphan_released", channel=channel_id)
@@ -186,7 +187,7 @@ class ConsentGateApp:
                 await self.client.request("DELETE", f"/applications/{self.client_app}/subscription",
                                           params={"eventSource": f"channel:{channel_id}"})
             return
-        caller = _object(channel.get("caller"))
+        caller = sub_object(channel.get("caller"))
         info = CallInfo(call_id=channel_id, caller_number=str(caller.get("number") or ""),
                         language=str(channel.get("language") or ""))
         status = Decision(fields["CONSENT_STATUS"])
@@ -237,13 +238,3 @@ class ConsentGateApp:
             helper.cancel()
         if self._helpers:
             await asyncio.wait(list(self._helpers), timeout=1)
-
-
-def _object(value: Any) -> dict[str, Any]:
-    """A sub-object of an event, or {} when a malformed frame put something else there."""
-    return value if isinstance(value, dict) else {}
-
-
-def _channel_id(event: dict[str, Any]) -> str:
-    channel_id = _object(event.get("channel")).get("id")
-    return channel_id if isinstance(channel_id, str) else ""

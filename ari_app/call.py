@@ -47,7 +47,7 @@ from consent_gate.midcall import MidCallState
 from . import metrics
 from .ami import AmiClient, AmiError
 from .midcall import AriRecordingControl, MidCallWatch, Whispers
-from .router import Router
+from .router import Router, event_channel, sub_object
 from .transport import AriClient, AriError, ChannelGone
 
 log = structlog.get_logger(__name__)
@@ -184,7 +184,7 @@ class Call:
     def deliver(self, event: dict[str, Any]) -> None:
         if self.whispers is not None and self.whispers.resolve(event):
             return
-        if event.get("type") in HANGUP_EVENTS and _channel_of(event) == self.channel_id:
+        if event.get("type") in HANGUP_EVENTS and event_channel(event) == self.channel_id:
             self.caller_gone = True
         self.queue.put_nowait(event)
 
@@ -223,7 +223,7 @@ class Call:
             while True:
                 event = await self._next_event(None)
                 match event.get("type"):
-                    case "PlaybackFinished" if _dict(event.get("playback")).get("id") == playback_id:
+                    case "PlaybackFinished" if sub_object(event.get("playback")).get("id") == playback_id:
                         return None
                     case "ChannelDtmfReceived" if isinstance(event.get("digit"), str) and event["digit"]:
                         digit = str(event["digit"])
@@ -258,7 +258,7 @@ class Call:
             event = await asyncio.wait_for(self.queue.get(), timeout)
         except asyncio.TimeoutError:
             return {"type": "Timeout"}
-        if event.get("type") in HANGUP_EVENTS and _channel_of(event) == self.channel_id:
+        if event.get("type") in HANGUP_EVENTS and event_channel(event) == self.channel_id:
             raise CallerHungUp()
         if event.get("type") == "TransportDisconnected":
             raise TransportLost(str(event.get("reason", "")))
@@ -393,13 +393,3 @@ class Call:
 
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.shield(asyncio.wait_for(release(), RELEASE_TIMEOUT))
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _channel_of(event: dict[str, Any]) -> str | None:
-    channel_id = _dict(event.get("channel")).get("id")
-    return channel_id if isinstance(channel_id, str) and channel_id else None
-

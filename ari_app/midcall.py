@@ -44,7 +44,6 @@ from consent_gate.midcall import (
     Action,
     CodeMatcher,
     MidCallState,
-    Outcome,
     Plan,
     RecordingControlError,
     Role,
@@ -55,7 +54,7 @@ from consent_gate.midcall import (
 from consent_gate.prompts import PromptError
 
 from .ami import AmiClient, AmiError
-from .router import Router
+from .router import Router, event_channel, sub_object
 from .transport import AriClient, AriError, ChannelGone
 
 log = structlog.get_logger(__name__)
@@ -303,7 +302,7 @@ class MidCallWatch:
     async def handle(self, event: dict[str, Any]) -> None:
         handler = getattr(self, f"on_{event.get('type')}", None)
         if handler is not None:
-            await handler(event, _channel_of(event))
+            await handler(event, event_channel(event))
 
     # -- events ---------------------------------------------------------------------------------
     async def on_ChannelDtmfReceived(self, event: dict[str, Any], channel: str | None) -> None:
@@ -324,7 +323,7 @@ class MidCallWatch:
             await self.carry_out(plan)
 
     async def on_ChannelEnteredBridge(self, event: dict[str, Any], channel: str | None) -> None:
-        await self._on_bridge(_dict(event.get("bridge")))
+        await self._on_bridge(sub_object(event.get("bridge")))
 
     async def on_ChannelVarset(self, event: dict[str, Any], channel: str | None) -> None:
         # Bridge events come on the bridge's topic, not the channel's; Asterisk sets BRIDGEPEER
@@ -333,7 +332,7 @@ class MidCallWatch:
             self._find_bridge_later()
 
     async def on_ConsentGateBridgeFound(self, event: dict[str, Any], channel: str | None) -> None:
-        await self._on_bridge(_dict(event.get("bridge")))
+        await self._on_bridge(sub_object(event.get("bridge")))
 
     async def on_ChannelLeftBridge(self, event: dict[str, Any], channel: str | None) -> None:
         if channel in self.agents:
@@ -362,21 +361,20 @@ class MidCallWatch:
                 await self.carry_out(plan)
 
     # -- acting ---------------------------------------------------------------------------------
-    async def carry_out(self, plan: Plan) -> Outcome:
-        outcome = await execute_plan(plan, self.state, control=self.control, ledger=self.gate.ledger,
+    async def carry_out(self, plan: Plan) -> None:
+        acted = await execute_plan(plan, self.state, control=self.control, ledger=self.gate.ledger,
                                      gate=self.gate, notices=self.notices, source=self.source, now=utcnow())
-        if plan.action is Action.PAUSE and outcome.acted:
+        if plan.action is Action.PAUSE and acted:
             self._start_resume_timer(self.gate.settings.dialog.pause_limit)
-        elif plan.action in (Action.RESUME, Action.WITHDRAW) and outcome.acted:
+        elif plan.action in (Action.RESUME, Action.WITHDRAW) and acted:
             self._cancel_resume_timer()
-        if outcome.acted:
+        if acted:
             await self._remember(plan.action)
         if plan.action is Action.WITHDRAW:
             if self.state.recorder_stopped:
                 self._cancel_stop_retry()
             elif self.stop_retry is None:
                 self.stop_retry = self._timer(STOP_RETRY_INTERVAL, RETRY_STOP, repeat=True)
-        return outcome
 
     async def _remember(self, action: Action) -> None:
         """Keep the call's mid-call state on its channel too, so a restarted service can adopt
@@ -427,7 +425,7 @@ class MidCallWatch:
             for _ in range(attempts):
                 with contextlib.suppress(AriError, OSError):
                     for bridge in await self.client.request("GET", "/bridges") or []:
-                        if self.channel_id in _dict(bridge).get("channels", []):
+                        if self.channel_id in sub_object(bridge).get("channels", []):
                             self.post({"type": BRIDGE_FOUND, "bridge": bridge})
                             return
                 await asyncio.sleep(interval)  # Dial answered; the bridge follows within milliseconds
@@ -504,12 +502,3 @@ class MidCallWatch:
             with contextlib.suppress(AriError, OSError):
                 await self.client.request("DELETE", f"/applications/{self.app}/subscription",
                                           params={"eventSource": source})
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _channel_of(event: dict[str, Any]) -> str | None:
-    channel_id = _dict(event.get("channel")).get("id")
-    return channel_id if isinstance(channel_id, str) and channel_id else None

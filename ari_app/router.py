@@ -17,20 +17,26 @@ class EventHandler(Protocol):
     def deliver(self, event: dict[str, Any]) -> None: ...
 
 
-def _object(value: Any) -> dict[str, Any]:
+def sub_object(value: Any) -> dict[str, Any]:
     """A sub-object of an event, or {} when a malformed frame put something else there."""
     return value if isinstance(value, dict) else {}
 
 
+def event_channel(event: dict[str, Any]) -> str | None:
+    """The id of the channel an event is about, or None (absent or malformed)."""
+    channel_id = sub_object(event.get("channel")).get("id")
+    return channel_id if isinstance(channel_id, str) and channel_id else None
+
+
 def event_keys(event: dict[str, Any]) -> Iterator[str]:
     """The routing keys an ARI event names: its channel, bridge, playback and the playback's target."""
-    channel_id = _object(event.get("channel")).get("id")
-    if isinstance(channel_id, str) and channel_id:
+    channel_id = event_channel(event)
+    if channel_id is not None:
         yield f"channel:{channel_id}"
-    bridge_id = _object(event.get("bridge")).get("id")
+    bridge_id = sub_object(event.get("bridge")).get("id")
     if isinstance(bridge_id, str) and bridge_id:
         yield f"bridge:{bridge_id}"
-    playback = _object(event.get("playback"))
+    playback = sub_object(event.get("playback"))
     playback_id = playback.get("id")
     if isinstance(playback_id, str) and playback_id:
         yield f"playback:{playback_id}"

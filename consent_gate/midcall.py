@@ -226,17 +226,6 @@ class Ledger(Protocol):
     async def append(self, event: ConsentEvent) -> Durability: ...
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What carrying out a plan achieved (for the adapter: retries, timers, logs)."""
-
-    acted: bool
-    recorder_stopped: bool = True
-    deleted_files: tuple[str, ...] = ()
-    durability: Durability | None = None
-    error: str | None = None
-
-
 # A withdrawal tries this often to stop the recorder before it reports "not stopped"; the AMI
 # client reconnects between attempts.  The adapter keeps retrying in the background.
 STOP_ATTEMPTS = 3
@@ -273,8 +262,9 @@ async def stop_with_retry(control: RecordingControl, attempts: int = STOP_ATTEMP
 
 async def execute_plan(plan: Plan, state: MidCallState, *, control: RecordingControl, ledger: Ledger,
                        gate: GateContext, notices: Notices, source: str, now: datetime,
-                       detail: dict[str, object] | None = None) -> Outcome:
+                       detail: dict[str, object] | None = None) -> bool:
     """Carry out one plan, effects first, then the state and the ledger that record them.
+    Returns whether it acted (False: a mute that failed, so nothing changed).
 
     * withdraw: block the dialplan's MixMonitor, delete the files, stop the recorder (with
       retries), delete again (a recorder that opened its file late), then ``withdrawn`` is
@@ -288,8 +278,8 @@ async def execute_plan(plan: Plan, state: MidCallState, *, control: RecordingCon
     bound = log.bind(call_id=state.call.call_id, consent_id=state.consent_id, action=plan.action.value)
     if plan.action is Action.WITHDRAW and not plan.stop_recording:
         state.withdrawn = True  # the consent purposes; a recording the law requires goes on
-        stored: Durability | None = await ledger.append(state.event(gate, EventKind.WITHDRAWN, source, **plan.detail, **extra))
-        return Outcome(True, durability=stored)
+        await ledger.append(state.event(gate, EventKind.WITHDRAWN, source, **plan.detail, **extra))
+        return True
     if plan.action is Action.WITHDRAW:
         blocked = True
         try:
@@ -303,31 +293,28 @@ async def execute_plan(plan: Plan, state: MidCallState, *, control: RecordingCon
         first = not state.withdrawn
         state.withdrawn, state.paused_at = True, None
         state.recorder_stopped = stop_error is None
-        durability: Durability | None = None
         if plan.ledger_event is not None and first:
             event_detail = dict(plan.detail, **extra, deleted_files=len(deleted), recorder_stopped=stop_error is None,
                                 blocked=blocked)
-            durability = await ledger.append(state.event(gate, plan.ledger_event, source, **event_detail))
+            await ledger.append(state.event(gate, plan.ledger_event, source, **event_detail))
         if stop_error is not None:
             bound.error("midcall.withdrawal_recorder_running", error=stop_error, deleted_files=len(deleted))
         _notify(plan, notices)
-        return Outcome(True, recorder_stopped=stop_error is None, deleted_files=tuple(deleted),
-                       durability=durability, error=stop_error)
+        return True
     if plan.mute is not None:
         try:
             await control.mute(plan.mute)
         except RecordingControlError as error:
             # No pause was made (or the recording stays muted): nothing to log as done.
             bound.warning("midcall.mute_failed", mute=plan.mute, error=str(error))
-            return Outcome(False, error=str(error))
+            return False
         state.paused_at = now if plan.mute else None
-    durability = None
     if plan.ledger_event is not None:
-        durability = await ledger.append(state.event(gate, plan.ledger_event, source, **plan.detail, **extra))
+        await ledger.append(state.event(gate, plan.ledger_event, source, **plan.detail, **extra))
     if plan.action is Action.CALLER_RECORDS:
         state.caller_records = True
     _notify(plan, notices)
-    return Outcome(True, durability=durability)
+    return True
 
 
 def _notify(plan: Plan, notices: Notices) -> None:
