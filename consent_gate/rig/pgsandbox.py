@@ -53,6 +53,10 @@ class PgSandbox:
     def dsn(self) -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.database}"
 
+    def admin_dsn(self, database: str = "postgres") -> str:
+        """As the superuser (tests that create databases or roles)."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
     def _as_owner(self, cmd: list[str]) -> list[str]:
         if os.geteuid() == 0:
             return ["runuser", "-u", "postgres", "--", *cmd]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
+import pytest_asyncio
 
 from consent_gate.journal import Journal
-from consent_gate.ledger import Ledger
+from consent_gate.ledger import Ledger, migrate
+from consent_gate.rig.pgsandbox import PgSandbox
 
 
 @pytest.fixture
@@ -19,3 +23,42 @@ async def ledger(pg_dsn: str, tmp_path: Path) -> AsyncIterator[Ledger]:
         yield ledger
     finally:
         await ledger.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def retention_template(pg_sandbox: PgSandbox) -> str:
+    """A migrated database used only as a template (no connections stay open to it)."""
+    name = f"cg_h6tpl_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_sandbox.admin_dsn(), timeout=10)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} OWNER {pg_sandbox.user}")
+    finally:
+        await admin.close()
+    await migrate(f"postgresql://{pg_sandbox.user}@127.0.0.1:{pg_sandbox.port}/{name}")
+    return name
+
+
+@pytest_asyncio.fixture
+async def db(pg_sandbox: PgSandbox, retention_template: str) -> AsyncIterator[str]:
+    """DSN of a fresh, migrated database of this test's own (application role)."""
+    name = f"cg_h6_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_sandbox.admin_dsn(), timeout=10)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {retention_template} OWNER {pg_sandbox.user}")
+    finally:
+        await admin.close()
+    yield f"postgresql://{pg_sandbox.user}@127.0.0.1:{pg_sandbox.port}/{name}"
+    admin = await asyncpg.connect(pg_sandbox.admin_dsn(), timeout=10)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest_asyncio.fixture
+async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(db, timeout=10)
+    try:
+        yield connection
+    finally:
+        await connection.close()

@@ -26,10 +26,7 @@ from .test_retention import (  # noqa: F401  (fixtures)
     T0,
     Clock,
     add_decision,
-    conn,
-    db,
     recdir,
-    retention_template,
     rows,
     write_recording,
 )

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import structlog
-from aiohttp import web
 
 from ari_app.ami import AmiClient, AmiConfig
 from ari_app.transport import AriClient, AriConfig, AriError, ChannelGone, backoff_delay

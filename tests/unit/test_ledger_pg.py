@@ -44,10 +44,6 @@ def unique_call() -> str:
     return f"test-{uuid.uuid4().hex}"
 
 
-def admin_dsn(sandbox: PgSandbox, database: str = "postgres") -> str:
-    return f"postgresql://postgres@127.0.0.1:{sandbox.port}/{database}"
-
-
 def app_dsn(sandbox: PgSandbox, database: str) -> str:
     return f"postgresql://{sandbox.user}@127.0.0.1:{sandbox.port}/{database}"
 
@@ -55,7 +51,7 @@ def app_dsn(sandbox: PgSandbox, database: str) -> str:
 async def fresh_database(sandbox: PgSandbox) -> str:
     """A new, empty database owned by the application role; returns its DSN."""
     name = f"cg_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_dsn(sandbox), timeout=10)
+    admin = await asyncpg.connect(sandbox.admin_dsn(), timeout=10)
     try:
         await admin.execute(f"CREATE DATABASE {name} OWNER {sandbox.user}")
     finally:
@@ -106,7 +102,7 @@ async def test_the_database_rejects_changes(
     call = unique_call()
     event = make_event(call)
     assert await ledger.append(event) is Durability.DATABASE
-    dsn = pg_dsn if role == "application" else admin_dsn(pg_sandbox, pg_sandbox.database)
+    dsn = pg_dsn if role == "application" else pg_sandbox.admin_dsn(pg_sandbox.database)
     connection = await asyncpg.connect(dsn, timeout=10)
     try:
         args = (call,) if "$1" in statement else ()

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,14 +21,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from consent_gate import retention
 from consent_gate.config import Purpose
 from consent_gate.events import ConsentEvent, EventKind, caller_reference, new_recording_id
-from consent_gate.ledger import INSERT_SQL, _row, migrate
+from consent_gate.ledger import INSERT_SQL, _row
 from consent_gate.retention import RetentionSweeper, list_holds, place_hold, release_hold
-from consent_gate.rig.pgsandbox import PgSandbox
 
 HMAC_KEY = b"unit-test-hmac-key-0123456789abcdef"
 T0 = datetime(2031, 3, 1, 9, 30, tzinfo=timezone.utc)
@@ -56,49 +53,6 @@ class Clock:
     def at(self, when: datetime) -> "Clock":
         self.now = when
         return self
-
-
-def admin_dsn(sandbox: PgSandbox, database: str = "postgres") -> str:
-    return f"postgresql://postgres@127.0.0.1:{sandbox.port}/{database}"
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def retention_template(pg_sandbox: PgSandbox) -> str:
-    """A migrated database used only as a template (no connections stay open to it)."""
-    name = f"cg_h6tpl_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(admin_dsn(pg_sandbox), timeout=10)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} OWNER {pg_sandbox.user}")
-    finally:
-        await admin.close()
-    await migrate(f"postgresql://{pg_sandbox.user}@127.0.0.1:{pg_sandbox.port}/{name}")
-    return name
-
-
-@pytest_asyncio.fixture
-async def db(pg_sandbox: PgSandbox, retention_template: str) -> AsyncIterator[str]:
-    """DSN of a fresh, migrated database of this test's own (application role)."""
-    name = f"cg_h6_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_dsn(pg_sandbox), timeout=10)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {retention_template} OWNER {pg_sandbox.user}")
-    finally:
-        await admin.close()
-    yield f"postgresql://{pg_sandbox.user}@127.0.0.1:{pg_sandbox.port}/{name}"
-    admin = await asyncpg.connect(admin_dsn(pg_sandbox), timeout=10)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-@pytest_asyncio.fixture
-async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(db, timeout=10)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 @pytest.fixture

@@ -24,10 +24,7 @@ from .test_retention import (  # noqa: F401  (fixtures)
     T0,
     Clock,
     add_decision,
-    admin_dsn,
-    db,
     recdir,
-    retention_template,
     write_recording,
 )
 
@@ -41,7 +38,7 @@ async def as_role(pg_sandbox: PgSandbox, db: str) -> AsyncIterator:
     database = db.rsplit("/", 1)[1]
     members = {group: f"cg_{group.removeprefix('consent_gate_')}_{uuid.uuid4().hex[:8]}"
                for group in ("consent_gate_gate", "consent_gate_admin")}
-    superuser = await asyncpg.connect(admin_dsn(pg_sandbox, database), timeout=10)
+    superuser = await asyncpg.connect(pg_sandbox.admin_dsn(database), timeout=10)
     opened: list[asyncpg.Connection] = []
     try:
         for _ in range(2):
@@ -114,7 +111,7 @@ async def _tools_with_temp(as_role, pg_sandbox: PgSandbox, db: str) -> asyncpg.C
     tools = await as_role("consent_gate_admin")
     member = await tools.fetchval("SELECT current_user")
     database = db.rsplit("/", 1)[1]
-    superuser = await asyncpg.connect(admin_dsn(pg_sandbox, database), timeout=10)
+    superuser = await asyncpg.connect(pg_sandbox.admin_dsn(database), timeout=10)
     try:
         await superuser.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO "{member}"')
     finally:

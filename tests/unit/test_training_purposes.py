@@ -37,11 +37,10 @@ from consent_gate.dialog import (
 )
 from consent_gate.events import Decision, EventKind
 from consent_gate.journal import Journal
-from consent_gate.ledger import Ledger, migrate
+from consent_gate.ledger import Ledger
 from consent_gate.midcall import MidCallState
 from consent_gate.prompts import PromptCatalog
 from consent_gate.retention import RetentionSweeper, place_hold, release_hold
-from consent_gate.rig.pgsandbox import PgSandbox
 
 REPO = Path(__file__).resolve().parents[2]
 SOUNDS = REPO / "prompts" / "sounds"
@@ -89,39 +88,6 @@ class AnsweringCaller:
 
     async def discard_keys(self) -> None:
         pass  # keys come only as answers to the prompt being played
-
-
-def admin_dsn(sandbox: PgSandbox) -> str:
-    return f"postgresql://postgres@127.0.0.1:{sandbox.port}/postgres"
-
-
-@pytest.fixture
-async def db(pg_sandbox: PgSandbox) -> AsyncIterator[str]:
-    """A freshly migrated database of this test's own: a sweep with a clock years ahead touches
-    nothing of another test's."""
-    name = f"cg_tp_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_dsn(pg_sandbox), timeout=10)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} OWNER {pg_sandbox.user}")
-    finally:
-        await admin.close()
-    dsn = f"postgresql://{pg_sandbox.user}@127.0.0.1:{pg_sandbox.port}/{name}"
-    await migrate(dsn)
-    yield dsn
-    admin = await asyncpg.connect(admin_dsn(pg_sandbox), timeout=10)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-@pytest.fixture
-async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(db, timeout=10)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 @dataclasses.dataclass
