@@ -12,9 +12,9 @@ from typing import Any
 
 import asyncpg
 
-from . import prompts
-from .journal import Journal
-from .ledger import SQL_DIR, Ledger, migrate
+from consent_gate.ledger.journal import Journal
+from consent_gate.ledger.store import SQL_DIR, Ledger, MigrationError, migrate
+from consent_gate.prompts import build as prompts
 
 
 def _dsn(args: argparse.Namespace) -> str:
@@ -60,7 +60,7 @@ def _optional_module(name: str) -> Any:
     import importlib
 
     try:
-        return importlib.import_module(f"consent_gate.{name}")
+        return importlib.import_module(f"consent_gate.admin.{name}")
     except ModuleNotFoundError as error:
         if error.name and error.name.startswith("consent_gate"):
             return None
@@ -131,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     match args.command:
         case "db":
-            applied = asyncio.run(migrate(_dsn(args)))
+            try:
+                applied = asyncio.run(migrate(_dsn(args)))
+            except (MigrationError, FileNotFoundError) as error:
+                print(f"consent-gate db migrate: {error}", file=sys.stderr)
+                return 2
             print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
             return 0
         case "journal":

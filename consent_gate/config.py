@@ -10,9 +10,12 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from consent_gate.prompts.catalog import packaged_sounds_dir
 
 LEGAL_BASES = ("consent", "legitimate-interest", "legal-obligation")
 DTMF_KEYS = "0123456789*#"
@@ -272,7 +275,7 @@ def load_settings(
         if len(key_text) < 16:
             raise ConfigError(f"{name}: privacy.hmac_key: at least 16 characters (32 random bytes recommended)")
         prompts_dir = Path(pick("CONSENT_GATE_PROMPTS_DIR", prompts, "dir", "prompts",
-                                str(Path(__file__).resolve().parents[1] / "prompts" / "sounds")))
+                                str(packaged_sounds_dir())))
         settings = Settings(
             ari_url=pick("CONSENT_GATE_ARI_URL", ari, "url", "ari", "http://127.0.0.1:8088"),
             ari_user=pick("CONSENT_GATE_ARI_USER", ari, "username", "ari", "consent-gate"),

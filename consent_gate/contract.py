@@ -46,7 +46,15 @@ PAUSED_AT_VARIABLE = "CONSENT_PAUSED_AT"
 RELEASE_CONTEXT = "consent-gate-released"
 RELEASE_LABEL = "release"
 
-_RECORDING_ID = re.compile(r"[0-9a-f]{32}")
+# -- recordings: the id and the files MixMonitor writes for it -----------------------------------
+# A recording id is 32 lowercase hex characters (uuid4().hex): the only thing a recording's file
+# name is built from.  [consent-gate-apply] writes <id>.wav, and for purposes with training
+# copies the legs <id>-caller.wav and <id>-agent.wav (MixMonitor r()/t()).
+RECORDING_ID_PATTERN = "[0-9a-f]{32}"
+RECORDING_FILE_SUFFIXES = (".wav", "-caller.wav", "-agent.wav")
+_RECORDING_ID = re.compile(RECORDING_ID_PATTERN)
+_RECORDING_FILE = re.compile(
+    f"({RECORDING_ID_PATTERN})(?:" + "|".join(re.escape(suffix) for suffix in RECORDING_FILE_SUFFIXES) + ")")
 _PURPOSE = re.compile(r"[a-z0-9-]{1,40}")
 # What Asterisk's MixMonitor stores via i(): a datastore uid; refuse anything that could carry
 # an AMI line break or a second field.
@@ -66,6 +74,26 @@ def valid_caller_text(value: object, limit: int = 80) -> str | None:
 def valid_recording_id(value: object) -> str | None:
     """A recording id (32 lowercase hex) or None: the only thing a file name is built from."""
     return value if isinstance(value, str) and _RECORDING_ID.fullmatch(value) else None
+
+
+def check_recording_id(value: object) -> str:
+    """:func:`valid_recording_id` for code that must not go on without one (raises ValueError)."""
+    recording_id = valid_recording_id(value)
+    if recording_id is None:
+        raise ValueError("not a recording id (32 lowercase hex characters)")
+    return recording_id
+
+
+def recording_file_names(recording_id: str) -> tuple[str, ...]:
+    """The names MixMonitor may write for one recording (mix first, then the legs)."""
+    check_recording_id(recording_id)
+    return tuple(recording_id + suffix for suffix in RECORDING_FILE_SUFFIXES)
+
+
+def recording_id_of_file(name: str) -> str | None:
+    """The recording id a file in the recordings directory belongs to, or None for any other file."""
+    match = _RECORDING_FILE.fullmatch(name)
+    return match[1] if match else None
 
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

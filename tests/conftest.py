@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from consent_gate.ledger import migrate
-from consent_gate.rig.pgsandbox import PgSandbox
+from consent_gate.ledger.store import migrate
+from consent_gate_rig.pgsandbox import PgSandbox
 
 # Override to run two test sessions side by side on one host.
 PG_TEST_PORT = int(os.environ.get("CONSENT_GATE_TEST_PG_PORT", "25532"))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark of the training-copy voice anonymiser (consent_gate.anonymise): privacy, utility, speed.
+"""Benchmark of the training-copy voice anonymiser (consent_gate.admin.anonymise): privacy, utility, speed.
 
 Speaker set (offline, synthetic): 12 espeak-ng voices (variants +m1..+m7, +f1..+f5), each
 speaking 10 Danish and 10 English sentences, 8 kHz, G.711 mu-law companded like a phone
@@ -47,18 +47,18 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import wave  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 from scipy.fft import dct  # noqa: E402
 from scipy.signal import resample_poly  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
 
-from consent_gate import anonymise as an  # noqa: E402
+from consent_gate.admin import anonymise as an  # noqa: E402
 
 RATE = 8000
 MALE = [f"m{i}" for i in range(1, 8)]
@@ -556,14 +556,14 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as error:
             notes.append(f"d-vector attacker skipped: {error}")
             if not args.fast:
-                raise SystemExit(f"bench: the full run needs resemblyzer (pip install -e '.[eval]'): {error}")
+                raise SystemExit(f"bench: the full run needs resemblyzer (pip install -e '.[eval]'): {error}") from error
     if not args.no_asr:
         try:
             asr = Recogniser(cache)
         except ImportError as error:
             notes.append(f"ASR utility skipped: {error}")
             if not args.fast:
-                raise SystemExit(f"bench: the full run needs pocketsphinx (pip install -e '.[eval]'): {error}")
+                raise SystemExit(f"bench: the full run needs pocketsphinx (pip install -e '.[eval]'): {error}") from error
     conditions = main_conditions()
     curve = tradeoff_conditions() if args.tradeoff else []
     if args.only:

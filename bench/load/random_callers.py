@@ -27,12 +27,9 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import loadlib  # noqa: E402
-from consent_gate.rig.harness import AsteriskLog  # noqa: E402
-from tests.integration.test_faults_load import flaky_ami, random_run  # noqa: E402
+from consent_gate_rig import loadlib
+from consent_gate_rig.harness import AsteriskLog
+from consent_gate_rig.random_callers import flaky_ami, random_run
 
 
 async def main_async(args: argparse.Namespace) -> int:

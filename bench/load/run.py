@@ -32,11 +32,8 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import loadlib  # noqa: E402
-from loadlib import GATES, Rig  # noqa: E402
+from consent_gate_rig import loadlib
+from consent_gate_rig.loadlib import GATES, Rig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
@@ -51,7 +48,7 @@ async def sample_memory(rig: Rig, stop: asyncio.Event, out: dict[str, int]) -> N
         out["agi_procs_max"] = max(out.get("agi_procs_max", 0), len(scripts))
         try:
             await asyncio.wait_for(stop.wait(), 0.2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

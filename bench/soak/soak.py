@@ -25,12 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "load"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import aiohttp
 
-import aiohttp  # noqa: E402
-
-import loadlib  # noqa: E402
+from consent_gate_rig import loadlib
 
 
 def free_port() -> int:

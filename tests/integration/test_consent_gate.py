@@ -10,114 +10,53 @@ the ledger telling the truth.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from consent_gate.rig import audio
-from consent_gate.rig.harness import AsteriskLog, GateResult, GateService
-from consent_gate.rig.sandbox import AsteriskSandbox
-from consent_gate.rig.softphone import Line, NoIncomingCall, PhoneCall
-
-from .conftest import Phones, recording_files, recording_set, wait_until
+from consent_gate_rig import audio
+from consent_gate_rig.calls import (
+    HEX32,
+    Phones,
+    drain_incoming,
+    finish,
+    ledger_events,
+    prompt_version,
+    recording_files,
+    recording_set,
+    run_gate_call,
+    wait_until,
+)
+from consent_gate_rig.harness import AsteriskLog, GateService
+from consent_gate_rig.sandbox import AsteriskSandbox
+from consent_gate_rig.softphone import NoIncomingCall
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = Path(__file__).resolve().parents[2] / "prompts" / "sounds"
-HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
-def prompt_version(lang: str, name: str) -> str:
-    return hashlib.sha256((PROMPTS / lang / f"{name}.wav").read_bytes()).hexdigest()
 
 
-async def ledger_events(dsn: str, consent_id: str) -> list[dict]:
-    connection = await asyncpg.connect(dsn)
-    try:
-        rows = await connection.fetch(
-            "SELECT * FROM consent_events WHERE consent_id = $1::uuid ORDER BY occurred_at, seq", consent_id)
-    finally:
-        await connection.close()
-    return [dict(row) for row in rows]
 
 
-async def drain_incoming(line: Line) -> None:
-    """Calls left ringing by an earlier failed test must not be taken for this test's call."""
-    while True:
-        try:
-            stale = await line.wait_incoming(0.05)
-        except NoIncomingCall:
-            return
-        await stale.hangup()
 
 
-@dataclass
-class GateCall:
-    caller: PhoneCall
-    result: GateResult
-    agent: PhoneCall | None
-    keyed_at: float | None
 
 
-async def run_gate_call(
-    phones: Phones, log: AsteriskLog, tag: str, *, line: Line | None = None, exten: str = "200",
-    key: str | None = None, key_after_prompt: float = 1.0, prompt: str = "question-training",
-    headers: dict[str, str] | None = None, caller_name: str | None = None, result_timeout: float = 20,
-    answered_by_gate: bool = True, answers: list[tuple[str, str]] | None = None,
-) -> GateCall:
-    """Dial the gate, press ``key`` ``key_after_prompt`` s into the question, answer as agent.
-
-    ``answered_by_gate=False``: the service is down, so nobody answers before the agent does.
-    """
-    await drain_incoming(phones.agent)
-    call = await (line or phones.caller).call(
-        phones.uri(exten), headers={"X-Test-Call": tag, **(headers or {})}, caller_name=caller_name)
-    if answered_by_gate:
-        await call.wait_answered(10)
-    keyed_at = None
-    # One (prompt, key) per question: several for granular consent.
-    for answer_prompt, answer_key in answers or ([(prompt, key)] if key is not None else []):
-        await log.wait_for(rf"Playing '[^']*/{answer_prompt}\.", 40)
-        await _pause(key_after_prompt)
-        await call.send_dtmf(answer_key)
-        keyed_at = time.monotonic()
-    result = await log.gate_result(tag, result_timeout)
-    agent_call = await phones.agent.wait_incoming(20)
-    await agent_call.answer()
-    await call.wait_answered(10)
-    return GateCall(call, result, agent_call, keyed_at)
 
 
-async def _pause(seconds: float) -> None:
-    # Timing of a human keypress within the prompt, not synchronisation.
-    import asyncio
-
-    await asyncio.sleep(seconds)
 
 
-async def finish(call: GateCall) -> None:
-    await call.caller.hangup()
-    if call.agent is not None:
-        await call.agent.wait_hangup(10)
 
 
-GATE_EXTENSIONS = {"ari": "200", "agi": "300"}
 
 
-@pytest.fixture(params=sorted(GATE_EXTENSIONS))
-def gate_path(request: pytest.FixtureRequest) -> str:
-    return request.param
 
 
-@pytest.fixture
-def exten(gate_path: str) -> str:
-    return GATE_EXTENSIONS[gate_path]
 
 
 # -- consent ------------------------------------------------------------------------------

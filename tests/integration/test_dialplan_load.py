@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from consent_gate.rig.harness import AsteriskLog
-from consent_gate.rig.sandbox import DIALPLAN_DIR, AsteriskSandbox
+from consent_gate_rig.harness import AsteriskLog
+from consent_gate_rig.sandbox import DIALPLAN_DIR, AsteriskSandbox
 
 pytestmark = pytest.mark.integration
 

@@ -20,12 +20,17 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from consent_gate.rig.harness import AsteriskLog, GateService
-from consent_gate.rig.sandbox import AsteriskSandbox
-
-from .conftest import Phones, recording_files, recording_set, wait_until
-from .test_consent_gate import drain_incoming, ledger_events
-from .test_midcall import wait_for_event
+from consent_gate_rig.calls import (
+    Phones,
+    drain_incoming,
+    ledger_events,
+    recording_files,
+    recording_set,
+    wait_for_event,
+    wait_until,
+)
+from consent_gate_rig.harness import AsteriskLog, GateService
+from consent_gate_rig.sandbox import AsteriskSandbox
 
 pytestmark = pytest.mark.integration
 

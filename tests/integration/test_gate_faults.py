@@ -18,13 +18,20 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
-from consent_gate.events import caller_reference
-from consent_gate.rig.harness import AsteriskLog, GateService
-from consent_gate.rig.pgsandbox import PgSandbox
-from consent_gate.rig.sandbox import AsteriskSandbox
-
-from .conftest import Phones, journal_entries, recording_files, recording_set, wait_until
-from .test_consent_gate import exten, finish, gate_path, ledger_events, run_gate_call  # noqa: F401
+from consent_gate.core.events import caller_reference
+from consent_gate_rig.calls import (
+    Phones,
+    finish,
+    journal_entries,
+    ledger_events,
+    recording_files,
+    recording_set,
+    run_gate_call,
+    wait_until,
+)
+from consent_gate_rig.harness import AsteriskLog, GateService
+from consent_gate_rig.pgsandbox import PgSandbox
+from consent_gate_rig.sandbox import AsteriskSandbox
 
 pytestmark = pytest.mark.integration
 

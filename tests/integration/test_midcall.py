@@ -14,13 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from consent_gate.rig import audio
-from consent_gate.rig.harness import AsteriskLog, GateService
-from consent_gate.rig.sandbox import AsteriskSandbox
-from consent_gate.rig.softphone import PhoneCall
-
-from .conftest import Phones, recording_files, recording_set, wait_until
-from .test_consent_gate import drain_incoming, finish, ledger_events, run_gate_call
+from consent_gate_rig import audio
+from consent_gate_rig.calls import (
+    Phones,
+    drain_incoming,
+    finish,
+    ledger_events,
+    recording_files,
+    recording_set,
+    run_gate_call,
+    wait_for_event,
+    wait_until,
+)
+from consent_gate_rig.harness import AsteriskLog, GateService
+from consent_gate_rig.sandbox import AsteriskSandbox
+from consent_gate_rig.softphone import PhoneCall
 
 pytestmark = pytest.mark.integration
 
@@ -28,15 +36,6 @@ SILENT_DBFS = -55.0
 HEARD_DBFS = -40.0
 
 
-async def wait_for_event(dsn: str, consent_id: str, kind: str, timeout: float = 15) -> dict:
-    found: list[dict] = []
-
-    async def stored() -> bool:
-        found[:] = [e for e in await ledger_events(dsn, consent_id) if e["event"] == kind]
-        return bool(found)
-
-    await wait_until(stored, timeout, f"a {kind!r} event for {consent_id}", interval=0.1)
-    return found[0]
 
 
 def level(call: PhoneCall, start: float, end: float) -> float:

@@ -7,11 +7,18 @@ import re
 
 import pytest
 
-from consent_gate.rig.harness import AsteriskLog, GateService
-from consent_gate.rig.sandbox import AsteriskSandbox
-
-from .conftest import Phones, recording_files, recording_set, wait_until
-from .test_consent_gate import finish, gate_path, ledger_events, prompt_version, run_gate_call  # noqa: F401
+from consent_gate_rig.calls import (
+    Phones,
+    finish,
+    ledger_events,
+    prompt_version,
+    recording_files,
+    recording_set,
+    run_gate_call,
+    wait_until,
+)
+from consent_gate_rig.harness import AsteriskLog, GateService
+from consent_gate_rig.sandbox import AsteriskSandbox
 
 pytestmark = pytest.mark.integration
 

@@ -25,22 +25,15 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from consent_gate.rig.harness import (
+from consent_gate_rig.calls import Phones, recording_files, recording_set, sandbox_settings_for_tests, wait_until
+from consent_gate_rig.harness import (
     SANDBOX_PURPOSES,
     AsteriskLog,
     GateResult,
     GateService,
 )
-from consent_gate.rig.sandbox import AsteriskSandbox, drop_in_umask
-from consent_gate.rig.softphone import Line, NoIncomingCall
-
-from .conftest import (
-    Phones,
-    recording_files,
-    recording_set,
-    sandbox_settings_for_tests,
-    wait_until,
-)
+from consent_gate_rig.sandbox import AsteriskSandbox, drop_in_umask
+from consent_gate_rig.softphone import Line, NoIncomingCall
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +112,7 @@ class DefaultHost:
         return AsteriskLog(self.sandbox.full_log)
 
     def check_config(self, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ari_app.main", "--config", str(self.config), "--check-config"],
+        return subprocess.run([sys.executable, "-m", "consent_gate.ari.main", "--config", str(self.config), "--check-config"],
                               env={**self.service.env(), **env}, check=False, capture_output=True, text=True, timeout=60)
 
     def make_private(self) -> None:

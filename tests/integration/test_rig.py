@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from consent_gate.rig import audio
-from consent_gate.rig.harness import AsteriskLog
-from consent_gate.rig.sandbox import AsteriskSandbox
-
-from .conftest import Phones, wait_until
+from consent_gate_rig import audio
+from consent_gate_rig.calls import Phones, wait_until
+from consent_gate_rig.harness import AsteriskLog
+from consent_gate_rig.sandbox import AsteriskSandbox
 
 pytestmark = pytest.mark.integration
 

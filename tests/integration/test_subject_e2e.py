@@ -17,17 +17,15 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from consent_gate import api
+from consent_gate.admin import api
+from consent_gate.admin.retention import recording_files as files_of_recording
+from consent_gate.admin.training import wav_is_closed
 from consent_gate.config import DEFAULT_PURPOSES
-from consent_gate.events import caller_reference
-from consent_gate.retention import recording_files as files_of_recording
-from consent_gate.rig import audio
-from consent_gate.rig.harness import AsteriskLog, GateService
-from consent_gate.rig.sandbox import AsteriskSandbox
-from consent_gate.training import wav_is_closed
-
-from .conftest import Phones, wait_until
-from .test_consent_gate import finish, ledger_events, run_gate_call
+from consent_gate.core.events import caller_reference
+from consent_gate_rig import audio
+from consent_gate_rig.calls import Phones, finish, ledger_events, run_gate_call, wait_until
+from consent_gate_rig.harness import AsteriskLog, GateService
+from consent_gate_rig.sandbox import AsteriskSandbox
 
 pytestmark = pytest.mark.integration
 

@@ -21,14 +21,12 @@ import asyncpg
 import numpy as np
 import pytest
 
-from consent_gate import anonymise as an
-from consent_gate import training
-from consent_gate.rig import audio
-from consent_gate.rig.harness import AsteriskLog, GateService
-from consent_gate.rig.sandbox import AsteriskSandbox
-
-from .conftest import Phones, recording_files, wait_until
-from .test_consent_gate import finish, run_gate_call
+from consent_gate.admin import anonymise as an
+from consent_gate.admin import training
+from consent_gate_rig import audio
+from consent_gate_rig.calls import Phones, finish, recording_files, run_gate_call, wait_until
+from consent_gate_rig.harness import AsteriskLog, GateService
+from consent_gate_rig.sandbox import AsteriskSandbox
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +81,7 @@ async def test_training_copy_from_a_real_call(
     env.pop("CONSENT_GATE_CONFIG", None)
     made = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "consent_gate.training", "training", "make", "--recording-id", recording_id,
+        [sys.executable, "-m", "consent_gate.admin.training", "training", "make", "--recording-id", recording_id,
          "--recordings-dir", str(asterisk.recordings_dir), "--copies-dir", str(copies)],
         env=env, capture_output=True, text=True, timeout=120, cwd=PROJECT)
     assert made.returncode == 0, made.stdout + made.stderr

@@ -5,14 +5,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 import pytest_asyncio
 
-from consent_gate.journal import Journal
-from consent_gate.ledger import Ledger, migrate
-from consent_gate.rig.pgsandbox import PgSandbox
+from consent_gate.ledger.journal import Journal
+from consent_gate.ledger.store import Ledger, migrate
+from consent_gate_rig.pgsandbox import PgSandbox
 
 
 @pytest.fixture
@@ -62,3 +63,20 @@ async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
+
+
+@pytest.fixture
+def restore_logging() -> Any:
+    """The CLI configures structlog for stderr (pytest's capture there): put it back afterwards."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.fixture
+def recdir(tmp_path: Path) -> Path:
+    directory = tmp_path / "recordings"
+    directory.mkdir(mode=0o700)
+    return directory

@@ -29,8 +29,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from consent_gate.dialog import DTMF_STOP_KEYS, RESULT_FIELDS, RESULT_SEPARATOR
-from consent_gate.journal import Journal
+from consent_gate.core.dialog import DTMF_STOP_KEYS, RESULT_FIELDS, RESULT_SEPARATOR
+from consent_gate.ledger.journal import Journal
+from consent_gate.prompts.catalog import packaged_sounds_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 SOUNDS = "/snd/consent-gate"  # as Asterisk would see the prompts: only a string here
@@ -201,7 +202,7 @@ def _rig(dsn: str, tmp_path: Path) -> AgiRig:
     config.write_text(
         f"[ledger]\ndsn = {json.dumps(dsn)}\njournal_dir = {json.dumps(str(journal))}\n"
         f"[recordings]\ndir = {json.dumps(str(recordings))}\nowner = \"{os.geteuid()}\"\n"
-        f"[prompts]\ndir = {json.dumps(str(ROOT / 'prompts' / 'sounds'))}\nasterisk_dir = \"{SOUNDS}\"\n"
+        f"[prompts]\ndir = {json.dumps(str(packaged_sounds_dir()))}\nasterisk_dir = \"{SOUNDS}\"\n"
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONSENT_GATE_")}
     env.update(CONSENT_GATE_CONFIG=str(config), CONSENT_GATE_HMAC_KEY=HMAC_KEY)
@@ -405,7 +406,7 @@ async def test_legal_obligation_without_an_agent_prompt_still_hands_back_notifie
     """A purpose shipped without an agent notice prompt: the notice is left out, the decision
     is handed back and the script exits 0 (a failing script would make the dialplan drop the
     result, and with it a legally required recording)."""
-    from consent_gate.rig.harness import SANDBOX_PURPOSES
+    from consent_gate_rig.harness import SANDBOX_PURPOSES
 
     rig = _rig(pg_dsn, tmp_path)
     rig.config.write_text(rig.config.read_text() + SANDBOX_PURPOSES)
@@ -475,7 +476,7 @@ async def test_a_danish_caller_name_is_fine(agi_rig: AgiRig, ledger_rows) -> Non
 async def test_discard_keys_drops_queued_keys_then_stops() -> None:
     from asterisk.agi import AGI
 
-    from agi.consent_agi import AgiPort
+    from consent_gate.agi.script import AgiPort
 
     replies = io.StringIO("\n" + "200 result=49\n200 result=42\n200 result=0\n" + "200 result=50\n")
     commands = io.StringIO()
@@ -490,7 +491,7 @@ async def test_discard_keys_drops_queued_keys_then_stops() -> None:
 async def test_discard_keys_is_bounded() -> None:
     from asterisk.agi import AGI
 
-    from agi.consent_agi import MAX_DISCARDED_KEYS, AgiPort
+    from consent_gate.agi.script import MAX_DISCARDED_KEYS, AgiPort
 
     replies = io.StringIO("\n" + "200 result=49\n" * (MAX_DISCARDED_KEYS + 5))
     commands = io.StringIO()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.signal import lfilter
 
-from consent_gate import anonymise as an
-from consent_gate.rig import audio
+from consent_gate.admin import anonymise as an
+from consent_gate_rig import audio
 
 RATE = 8000
 
@@ -244,7 +244,7 @@ from datetime import UTC, date, datetime, timedelta  # noqa: E402
 
 import asyncpg  # noqa: E402
 
-from consent_gate import training  # noqa: E402
+from consent_gate.admin import training  # noqa: E402
 from consent_gate.config import Purpose  # noqa: E402
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")

@@ -15,21 +15,10 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from consent_gate import api
+from consent_gate.admin import api
 from consent_gate.config import ConfigError
-from consent_gate.events import EventKind
-
-from .test_retention import (  # noqa: F401  (fixtures)
-    DAY,
-    HMAC_KEY,
-    PURPOSES,
-    T0,
-    Clock,
-    add_decision,
-    recdir,
-    rows,
-    write_recording,
-)
+from consent_gate.core.events import EventKind
+from consent_gate_rig.ledgerdata import DAY, HMAC_KEY, PURPOSES, T0, Clock, add_decision, rows, write_recording
 
 TOKEN = "t0ken-" + "x" * 40
 NUMBER = "+45 33 44 55 66"
@@ -314,7 +303,7 @@ async def test_serve_listens_where_configured_and_stops_cleanly(db: str, recdir:
 async def test_api_exports_and_erases_the_training_copy(db: str, conn: asyncpg.Connection, recdir: Path,
                                                          tmp_path: Path) -> None:
     """The CRM path covers training copies too (they are still personal data while linked)."""
-    from .test_subject import add_training_copy
+    from consent_gate_rig.ledgerdata import add_training_copy
 
     d = await add_decision(conn, at=T0, number=NUMBER)
     copies = tmp_path / "copies"

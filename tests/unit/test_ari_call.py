@@ -1,4 +1,4 @@
-"""The ARI service's per-call lifecycle (ari_app.app / call / midcall) on a fake ARI and AMI.
+"""The ARI service's per-call lifecycle (consent_gate.ari.app / call / midcall) on a fake ARI and AMI.
 
 Events go straight into ``ConsentGateApp.dispatch`` (the websocket is the transport tests'
 business); REST requests go over HTTP to ``FakeAri``, AMI actions over TCP to ``FakeAmi``.
@@ -20,21 +20,21 @@ from typing import Any
 
 import pytest
 
-from ari_app.ami import AmiClient, AmiConfig
-from ari_app.app import ConsentGateApp
-from ari_app.call import CallState
-from ari_app.transport import AriClient, AriConfig
+from consent_gate.ari.ami import AmiClient, AmiConfig
+from consent_gate.ari.app import ConsentGateApp
+from consent_gate.ari.call import CallState
+from consent_gate.ari.transport import AriClient, AriConfig
 from consent_gate.config import Settings, load_settings
 from consent_gate.contract import MIXMONITOR_ID_VARIABLE, RESULT_VARIABLE, WITHDRAWN_VARIABLE
-from consent_gate.dialog import GateContext
-from consent_gate.events import ConsentEvent, EventKind
-from consent_gate.ledger import Durability
-from consent_gate.prompts import PromptCatalog
-from consent_gate.rig.fakes import PASSWORD, USER, FakeAmi, FakeAri
-from consent_gate.rig.harness import SANDBOX_PURPOSES as PURPOSES
+from consent_gate.core.dialog import GateContext
+from consent_gate.core.events import ConsentEvent, EventKind
+from consent_gate.ledger.store import Durability
+from consent_gate.prompts.catalog import PromptCatalog, packaged_sounds_dir
+from consent_gate_rig.fakes import PASSWORD, USER, FakeAmi, FakeAri
+from consent_gate_rig.harness import SANDBOX_PURPOSES as PURPOSES
 
 REPO = Path(__file__).resolve().parents[2]
-SOUNDS = REPO / "prompts" / "sounds"
+SOUNDS = packaged_sounds_dir()
 CATALOG = PromptCatalog.load(SOUNDS)
 T = 5.0  # bound for every wait; never slept
 CALLER = {"id": "c1", "name": "PJSIP/caller-00000001", "caller": {"number": "+4512345678"}, "language": "en",
@@ -141,7 +141,7 @@ async def eventually(predicate: Callable[[], bool], what: str = "condition") -> 
 
     try:
         await asyncio.wait_for(poll(), T)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
 
 

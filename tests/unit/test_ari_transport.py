@@ -1,4 +1,4 @@
-"""Unit tests for ari_app.transport against a fake ARI server (aiohttp.web on 127.0.0.1).
+"""Unit tests for consent_gate.ari.transport against a fake ARI server (aiohttp.web on 127.0.0.1).
 
 The real Asterisk is covered by the integration tests; here we pin down the transport
 contract: REST error mapping, auth, quoting, and the self-healing events websocket.
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import structlog
 
-from ari_app.ami import AmiClient, AmiConfig
-from ari_app.transport import AriClient, AriConfig, AriError, ChannelGone, backoff_delay
-from consent_gate.rig.fakes import PASSWORD, USER, FakeAmi, FakeAri
+from consent_gate.ari.ami import AmiClient, AmiConfig
+from consent_gate.ari.transport import AriClient, AriConfig, AriError, ChannelGone, backoff_delay
+from consent_gate_rig.fakes import PASSWORD, USER, FakeAmi, FakeAri
 
 T = 3.0  # upper bound for any single wait; generous for slow CI, never actually slept
 
@@ -466,14 +466,14 @@ async def test_only_one_events_iteration_at_a_time(fake: FakeAri, client: AriCli
             await anext(client.events())
 
 
-# -- releasing a call unrecorded (ari_app.call.release_unrecorded) ---------------------------
+# -- releasing a call unrecorded (consent_gate.ari.call.release_unrecorded) ---------------------------
 
 IN_STASIS = (200, {"id": "c1", "dialplan": {"app_name": "Stasis"}})
 LABEL = {"context": "consent-gate-released", "extension": "s", "label": "release"}
 
 
 async def test_release_continues_at_the_label_that_clears_the_result(fake: FakeAri, client: AriClient) -> None:
-    from ari_app.call import release_unrecorded
+    from consent_gate.ari.call import release_unrecorded
 
     fake.responses[("GET", "/ari/channels/c1")] = IN_STASIS
     await release_unrecorded(client, "c1", fallback_timeout=1)
@@ -485,7 +485,7 @@ async def test_release_continues_at_the_label_that_clears_the_result(fake: FakeA
 
 async def test_release_without_the_label_clears_the_result_then_continues(fake: FakeAri, client: AriClient) -> None:
     """An older include has no "release" label (ARI: 404 while the channel exists)."""
-    from ari_app.call import release_unrecorded
+    from consent_gate.ari.call import release_unrecorded
 
     fake.responses[("POST", "/ari/channels/c1/continue")] = (404, {"message": "Requested label: release can not be found"})
     fake.responses[("GET", "/ari/channels/c1")] = IN_STASIS
@@ -513,7 +513,7 @@ async def test_release_leaves_a_channel_that_is_not_in_stasis_alone(
 
 
 async def test_release_that_cannot_clear_the_result_never_continues(fake: FakeAri, client: AriClient) -> None:
-    from ari_app.call import release_unrecorded
+    from consent_gate.ari.call import release_unrecorded
 
     fake.responses[("POST", "/ari/channels/c1/continue")] = (404, {"message": "label not found"})
     fake.responses[("GET", "/ari/channels/c1")] = IN_STASIS
@@ -540,7 +540,7 @@ async def test_release_redirects_over_ami_first_and_falls_back_to_ari(
 
 async def release_with_ami(client: AriClient, redirect_reply: str) -> FakeAmi:
     """Run release_unrecorded("c1") with an AMI that answers Redirect with ``redirect_reply``."""
-    from ari_app.call import release_unrecorded
+    from consent_gate.ari.call import release_unrecorded
 
     ami_server = FakeAmi(redirect_reply)
     await ami_server.start()

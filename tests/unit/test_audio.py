@@ -1,4 +1,4 @@
-"""Unit tests for consent_gate.rig.audio (pure stdlib, no SIP)."""
+"""Unit tests for consent_gate_rig.audio (pure stdlib, no SIP)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from consent_gate.rig import audio
+from consent_gate_rig import audio
 
 
 def test_tone_level_and_length() -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from consent_gate import config, retention
+from consent_gate import config, recordings
 from consent_gate.config import DEFAULT_PURPOSES, load_settings
+from consent_gate.ledger.store import SQL_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "consent-gate.example.toml"
@@ -177,7 +178,7 @@ def test_the_tools_never_run_as_asterisk_and_have_their_own_database_role() -> N
 
 
 def test_roles_sql_documents_one_login_role_per_user() -> None:
-    text = (ROOT / "sql" / "roles" / "roles.sql").read_text()
+    text = (SQL_DIR / "roles" / "roles.sql").read_text()
     assert "CREATE ROLE consent_gate_tools LOGIN IN ROLE consent_gate_admin;" in text
     assert "/etc/consent-gate/admin-pgpass" in text
 
@@ -279,7 +280,7 @@ def test_the_units_can_do_their_work_in_the_private_recordings_directory() -> No
             (directory / name).chmod(0o600)
             os.chown(directory / name, asterisk, asterisk)
         os.chown(directory, asterisk, asterisk)
-        assert retention.recordings_dir_problem(directory) is None
+        assert recordings.dir_mode_problem(directory) is None
         gate, admin = _unit(UNIT), _unit(API_UNIT)
 
         withdrawn = _run_as(asterisk, gate["AmbientCapabilities"], "rm", "-f", str(directory / names[0]))
@@ -297,7 +298,7 @@ def test_the_units_can_do_their_work_in_the_private_recordings_directory() -> No
         erased = _run_as(tools, admin["AmbientCapabilities"], "rm", "-f", str(directory / names[1]))
         assert erased.returncode == 0 and not (directory / names[1]).exists(), erased.stderr
         # The directory is still exactly as private as the gate requires.
-        assert retention.recordings_dir_problem(directory) is None
+        assert recordings.dir_mode_problem(directory) is None
         assert os.stat(directory).st_uid == asterisk
 
 

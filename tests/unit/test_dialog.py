@@ -18,14 +18,16 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from consent_gate.config import DialogSettings, Settings, load_settings
-from consent_gate.dialog import (
+from consent_gate.core.dialog import (
+    RESULT_FIELDS,
+    RESULT_SEPARATOR,
     CallerHungUp,
     CallInfo,
     DialogResult,
@@ -33,17 +35,15 @@ from consent_gate.dialog import (
     GateContext,
     Phase,
     PromptRef,
-    RESULT_FIELDS,
-    RESULT_SEPARATOR,
     run_consent_dialog,
 )
-from consent_gate.events import ConsentEvent, Decision, EventKind, caller_reference
-from consent_gate.journal import Journal
-from consent_gate.ledger import Durability, Ledger
-from consent_gate.prompts import PromptCatalog
+from consent_gate.core.events import ConsentEvent, Decision, EventKind, caller_reference
+from consent_gate.ledger.journal import Journal
+from consent_gate.ledger.store import Durability, Ledger
+from consent_gate.prompts.catalog import PromptCatalog, packaged_prompts_dir, packaged_sounds_dir
 
 REPO = Path(__file__).resolve().parents[2]
-SOUNDS = REPO / "prompts" / "sounds"
+SOUNDS = packaged_sounds_dir()
 ASTERISK_SOUNDS = "/var/lib/asterisk/sounds/consent-gate/"
 HMAC_KEY = "k" * 32
 CALLER = "+45 12 34 56 78"
@@ -74,7 +74,7 @@ class FakeClock:
     """Each reading is one second after the previous one."""
 
     def __init__(self) -> None:
-        self.now = datetime(2026, 5, 4, 10, 0, 0, tzinfo=timezone.utc)
+        self.now = datetime(2026, 5, 4, 10, 0, 0, tzinfo=UTC)
         self.readings: list[datetime] = []
 
     def __call__(self) -> datetime:
@@ -553,7 +553,7 @@ async def test_a_prompt_missing_in_the_language_plays_and_records_the_fallback(t
         for wav in (SOUNDS / lang).glob("*.wav"):
             if not (lang == "da" and wav.stem == "invalid"):
                 (sounds / lang / wav.name).write_bytes(wav.read_bytes())
-    catalog = PromptCatalog.load(sounds, REPO / "prompts" / "manifest.json")
+    catalog = PromptCatalog.load(sounds, packaged_prompts_dir() / "manifest.json")
     settings = make_settings()
     port = ScriptedPort(Play(Q, "7"), Play("invalid"), Play(Q, "1"))
     gate = GateContext(settings, catalog, FakeLedger(), clock=FakeClock())

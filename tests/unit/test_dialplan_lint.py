@@ -138,7 +138,7 @@ def test_sample_fragments_bind_to_loopback_only(name: str) -> None:
 def test_apply_unpacks_the_result_in_the_core_field_order() -> None:
     """[consent-gate-apply] and DialogResult.packed() agree on the fields: field N of the CUT()
     goes to RESULT_FIELDS[N-1], status last, and an unknown status cannot pass through."""
-    from consent_gate.dialog import RESULT_FIELDS, RESULT_SEPARATOR, RESULT_VARIABLE
+    from consent_gate.core.dialog import RESULT_FIELDS, RESULT_SEPARATOR, RESULT_VARIABLE
 
     text = (ROOT / "dialplan" / "consent-gate.conf").read_text()
     apply = text.split("\n[consent-gate-apply]\n", 1)[1].split("\n[", 1)[0]

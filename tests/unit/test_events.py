@@ -6,11 +6,11 @@ import hashlib
 import hmac
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from consent_gate.events import (
+from consent_gate.core.events import (
     ConsentEvent,
     EventKind,
     caller_reference,
@@ -61,7 +61,7 @@ def test_recording_id_is_32_lowercase_hex() -> None:
 
 
 def _full_event() -> ConsentEvent:
-    t0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    t0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
     return ConsentEvent(
         consent_id=uuid.uuid4(),
         call_id="1700000000.42",
@@ -95,7 +95,7 @@ def test_json_round_trip_through_text() -> None:
 def test_json_round_trip_with_optional_fields_empty() -> None:
     event = ConsentEvent(
         consent_id=uuid.uuid4(), call_id="c", event=EventKind.ABANDONED, purpose="documentation",
-        legal_basis="consent", occurred_at=datetime.now(timezone.utc), source="agi",
+        legal_basis="consent", occurred_at=datetime.now(UTC), source="agi",
     )
     data = json.loads(json.dumps(event.to_json()))
     assert data["event"] == "abandoned" and data["decided_at"] is None

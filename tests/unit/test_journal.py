@@ -7,13 +7,13 @@ import multiprocessing
 import os
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from consent_gate.events import ConsentEvent, EventKind
-from consent_gate.journal import Journal, JournalError
+from consent_gate.core.events import ConsentEvent, EventKind
+from consent_gate.ledger.journal import Journal, JournalError
 
 T = 60.0  # upper bound for the multi-process tests; never slept
 
@@ -21,7 +21,7 @@ T = 60.0  # upper bound for the multi-process tests; never slept
 def make_event(call_id: str = "call-1", kind: EventKind = EventKind.GRANTED, **extra: object) -> ConsentEvent:
     return ConsentEvent(
         consent_id=uuid.uuid4(), call_id=call_id, event=kind, purpose="training", legal_basis="consent",
-        occurred_at=datetime.now(timezone.utc), source="ari", language="da", digit="1",
+        occurred_at=datetime.now(UTC), source="ari", language="da", digit="1",
         detail={"attempts": 1, **extra},
     )
 
@@ -239,7 +239,7 @@ async def test_partly_failed_drain_keeps_exactly_the_unstored_batch(tmp_path: Pa
 # -- several processes ----------------------------------------------------------------------
 
 
-def _append_worker(directory: str, worker: int, count: int, start: "multiprocessing.synchronize.Event") -> None:
+def _append_worker(directory: str, worker: int, count: int, start: multiprocessing.synchronize.Event) -> None:
     start.wait(T)
     journal = Journal(Path(directory))
     for n in range(count):

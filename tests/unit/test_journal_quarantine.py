@@ -22,13 +22,13 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from ari_app import metrics
 from consent_gate import cli
-from consent_gate import journal as journal_module
-from consent_gate.events import ConsentEvent, EventKind
-from consent_gate.journal import Journal
-from consent_gate.ledger import Durability, Ledger
-from consent_gate.rig.pgsandbox import PgSandbox
+from consent_gate.ari import metrics
+from consent_gate.core.events import ConsentEvent, EventKind
+from consent_gate.ledger import journal as journal_module
+from consent_gate.ledger.journal import Journal
+from consent_gate.ledger.store import Durability, Ledger
+from consent_gate_rig.pgsandbox import PgSandbox
 
 T = 30.0  # upper bound for every wait; never slept
 CLOSED_DSN = "postgresql://nobody@127.0.0.1:1/none"  # nothing listens on port 1

@@ -6,19 +6,18 @@ import asyncio
 import hashlib
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from consent_gate.events import ConsentEvent, EventKind, new_recording_id
-from consent_gate.journal import Journal
-from consent_gate.ledger import Durability, Ledger, migrate
-from consent_gate.rig.pgsandbox import PgSandbox
-
-from consent_gate.ledger import SQL_DIR as _SQL_DIR
+from consent_gate.core.events import ConsentEvent, EventKind, new_recording_id
+from consent_gate.ledger.journal import Journal
+from consent_gate.ledger.store import SQL_DIR as _SQL_DIR
+from consent_gate.ledger.store import Durability, Ledger, migrate
+from consent_gate_rig.pgsandbox import PgSandbox
 
 ALL_MIGRATIONS = sorted(p.name for p in _SQL_DIR.glob("[0-9][0-9][0-9]_*.sql"))
 
@@ -26,7 +25,7 @@ T = 20.0  # upper bound for any wait on the background replayer; never slept
 
 
 def make_event(call_id: str, kind: EventKind = EventKind.GRANTED, **fields: Any) -> ConsentEvent:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     values: dict[str, Any] = dict(
         consent_id=uuid.uuid4(), call_id=call_id, event=kind, purpose="training", legal_basis="consent",
         occurred_at=now, source="ari", language="da",
@@ -130,7 +129,7 @@ async def test_database_constraints_hold(pg_dsn: str) -> None:
     """The schema refuses values the application must never write (checked directly, not via append)."""
     call = unique_call()
     base: dict[str, Any] = dict(consent_id=uuid.uuid4(), call_id=call, event="granted", purpose="training",
-                                legal_basis="consent", occurred_at=datetime.now(timezone.utc), source="ari")
+                                legal_basis="consent", occurred_at=datetime.now(UTC), source="ari")
     connection = await asyncpg.connect(pg_dsn, timeout=10)
     try:
         for column, bad in [("recording_id", "../../etc/passwd"), ("digit", "x"), ("language", "english"),

@@ -1,4 +1,4 @@
-"""ari_app.metrics: what a finished call counts, the reconnect counter, the 127.0.0.1 endpoint."""
+"""consent_gate.ari.metrics: what a finished call counts, the reconnect counter, the 127.0.0.1 endpoint."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import asyncio
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import aiohttp
 import pytest
 
-from ari_app import metrics
-from consent_gate.dialog import DialogState
-from consent_gate.events import Decision
-from consent_gate.ledger import Durability
+from consent_gate.ari import metrics
+from consent_gate.core.dialog import DialogState
+from consent_gate.core.events import Decision
+from consent_gate.ledger.store import Durability
 
 
 @dataclass
@@ -35,7 +35,7 @@ def value(name: str, **labels: str) -> float:
 
 def finished(status: Decision, *, digit: str | None = "1", decided_ago: float = 0.004,
              started_ago: float = 3.0, prompt_after: float = 0.010) -> FakeSession:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     session = FakeSession(result=SimpleNamespace(status=status, purpose="training"))
     session.started_monotonic = time.monotonic() - started_ago
     session.dialog.prompt_started_at = now - timedelta(seconds=started_ago - prompt_after)

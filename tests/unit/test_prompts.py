@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from consent_gate import prompts as P
-from consent_gate.prompts import PromptCatalog, PromptError, build, check, register_cli, render_texts
+from consent_gate.prompts import build as P
+from consent_gate.prompts.build import build, check, register_cli, render_texts
+from consent_gate.prompts.catalog import PromptCatalog, PromptError, packaged_prompts_dir
 
 REPO = Path(__file__).resolve().parents[2]
-PROMPTS = REPO / "prompts"
+PROMPTS = packaged_prompts_dir()
 TEXTS = PROMPTS / "texts"
 PARAMS = PROMPTS / "params.toml"
 SOUNDS = PROMPTS / "sounds"
@@ -298,7 +299,7 @@ def test_catalog_needs_a_manifest(tmp_path: Path) -> None:
 def test_runtime_module_does_not_import_piper() -> None:
     code = (
         "import sys; sys.modules['piper'] = None; sys.modules['onnxruntime'] = None;"
-        "from consent_gate.prompts import PromptCatalog;"
+        "from consent_gate.prompts.catalog import PromptCatalog;"
         f"c = PromptCatalog.load({str(SOUNDS)!r}); print(c.version('da', 'granted'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -319,7 +320,7 @@ def test_register_cli_adds_prompts_build_and_check() -> None:
 
 
 def test_python_m_check_fails_on_drift(prompts_copy: Path) -> None:
-    cmd = [sys.executable, "-m", "consent_gate.prompts", "check", "--texts", str(prompts_copy / "texts"),
+    cmd = [sys.executable, "-m", "consent_gate.prompts.build", "check", "--texts", str(prompts_copy / "texts"),
            "--params", str(prompts_copy / "params.toml"), "--out", str(prompts_copy)]
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     (prompts_copy / "texts" / "en" / "resumed.txt").write_text("Recording continues.", encoding="utf-8")

@@ -25,10 +25,10 @@ import asyncpg
 import pytest
 
 from consent_gate.config import load_settings
-from consent_gate.dialog import CallInfo, GateContext, PromptRef, run_consent_dialog
-from consent_gate.events import Decision
-from consent_gate.ledger import Ledger
-from consent_gate.prompts import PromptCatalog
+from consent_gate.core.dialog import CallInfo, GateContext, PromptRef, run_consent_dialog
+from consent_gate.core.events import Decision
+from consent_gate.ledger.store import Ledger
+from consent_gate.prompts.catalog import PromptCatalog, packaged_sounds_dir
 from consent_gate.recordings import (
     RecordingsDirError,
     check_private_dir,
@@ -38,7 +38,7 @@ from consent_gate.recordings import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-SOUNDS = ROOT / "prompts" / "sounds"
+SOUNDS = packaged_sounds_dir()
 ME = os.geteuid()
 SECRETS = {"CONSENT_GATE_HMAC_KEY": "private-dir-hmac-key-0123456789", "CONSENT_GATE_ARI_PASSWORD": "ari-pw-1"}
 
@@ -221,7 +221,7 @@ def service_env(tmp_path: Path, private: Path, ami: ScriptedAmi) -> dict[str, st
 
 def _service(env: dict[str, str], *args: str, **changes: str) -> tuple[int, str]:
     """consent-gate-ari as systemd runs it (a process of its own); its exit code and output."""
-    done = subprocess.run([sys.executable, "-m", "ari_app.main", "--log-format", "console", *args],
+    done = subprocess.run([sys.executable, "-m", "consent_gate.ari.main", "--log-format", "console", *args],
                           env={**env, **changes}, capture_output=True, text=True, timeout=60, check=False)
     return done.returncode, done.stdout + done.stderr
 
@@ -286,7 +286,7 @@ def _agi(tmp_path: Path, recordings: Path, argument: str) -> subprocess.Complete
                       f"journal_dir = {json.dumps(str(tmp_path / 'agi-journal'))}\n")
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONSENT_GATE_")}
     env.update(CONSENT_GATE_HMAC_KEY=SECRETS["CONSENT_GATE_HMAC_KEY"], PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "agi.consent_agi", argument, "--config", str(config)],
+    return subprocess.run([sys.executable, "-m", "consent_gate.agi.script", argument, "--config", str(config)],
                           input=b"", capture_output=True, env=env, timeout=60, check=False)
 
 

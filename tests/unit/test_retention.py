@@ -9,156 +9,63 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
-import os
 import subprocess
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from consent_gate import retention
+from consent_gate import recordings
+from consent_gate.admin import retention
+from consent_gate.admin.retention import RetentionSweeper, list_holds, place_hold, release_hold
 from consent_gate.config import Purpose
-from consent_gate.events import ConsentEvent, EventKind, caller_reference, new_recording_id
-from consent_gate.ledger import INSERT_SQL, _row
-from consent_gate.retention import RetentionSweeper, list_holds, place_hold, release_hold
-
-HMAC_KEY = b"unit-test-hmac-key-0123456789abcdef"
-T0 = datetime(2031, 3, 1, 9, 30, tzinfo=timezone.utc)
-DAY = timedelta(days=1)
-
-PURPOSES = {
-    "training": Purpose("training", "consent", "question-training", 90, training_copy=True),
-    "documentation": Purpose("documentation", "consent", "question-documentation", 365),
-    "mifid": Purpose("mifid", "legal-obligation", "notice-legal-obligation", 1825),
-}
-
+from consent_gate.core.events import EventKind, new_recording_id
+from consent_gate.prompts.catalog import packaged_sounds_dir
+from consent_gate_rig.ledgerdata import (
+    DAY,
+    FAIL_AT_COMMIT,
+    HMAC_KEY,
+    NON_PERSONAL,
+    PURPOSES,
+    T0,
+    Clock,
+    Decision,
+    add_decision,
+    add_event,
+    rows,
+    sweeper,
+    tombstones,
+    write_recording,
+)
 
 # -- shared helpers ---------------------------------------------------------------------------
 
-class Clock:
-    """The injected clock: tests move it, nothing sleeps."""
-
-    def __init__(self, now: datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def at(self, when: datetime) -> "Clock":
-        self.now = when
-        return self
 
 
-@pytest.fixture
-def restore_logging() -> Any:
-    """The CLI configures structlog for stderr (pytest's capture there): put it back afterwards."""
-    import structlog
-
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
-@pytest.fixture
-def recdir(tmp_path: Path) -> Path:
-    directory = tmp_path / "recordings"
-    directory.mkdir(mode=0o700)
-    return directory
 
 
-def write_recording(recdir: Path, recording_id: str, *, legs: bool = False, payload: bytes | None = None) -> list[Path]:
-    """Real files as MixMonitor leaves them: <id>.wav (+ the two legs), 0600."""
-    paths = [recdir / f"{recording_id}.wav"]
-    if legs:
-        paths += [recdir / f"{recording_id}-caller.wav", recdir / f"{recording_id}-agent.wav"]
-    for path in paths:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(payload or b"RIFF" + path.name.encode() + os.urandom(64))
-    return paths
 
 
-@dataclass
-class Decision:
-    """One decision group as the dialog stores it (the ledger's own INSERT)."""
-
-    consent_id: uuid.UUID
-    call_id: str
-    purpose: str
-    recording_id: str | None
-    caller_ref: str | None
-    events: list[ConsentEvent] = field(default_factory=list)
 
 
-async def add_decision(
-    connection: asyncpg.Connection, *, at: datetime, purpose: str = "training", event: EventKind = EventKind.GRANTED,
-    number: str = "+45 20 30 40 50", call_id: str | None = None, consent_id: uuid.UUID | None = None,
-    recording_id: str | None | bool = True, caller_number: str | None = None,
-) -> Decision:
-    legal_basis = PURPOSES[purpose].legal_basis if purpose in PURPOSES else "consent"
-    if recording_id is True:
-        recording_id = new_recording_id() if event in (EventKind.GRANTED, EventKind.NOTIFIED) else None
-    ev = ConsentEvent(
-        consent_id=consent_id or uuid.uuid4(), call_id=call_id or f"call-{uuid.uuid4().hex[:16]}", event=event,
-        purpose=purpose, legal_basis=legal_basis, occurred_at=at, source="ari", language="da",
-        prompt_version=hashlib.sha256(purpose.encode()).hexdigest(),
-        digit="1" if event is EventKind.GRANTED else "2" if event is EventKind.DECLINED else None,
-        caller_ref=caller_reference(HMAC_KEY, number), caller_number=caller_number,
-        recording_id=recording_id or None, prompt_started_at=at - timedelta(seconds=9),
-        decided_at=at - timedelta(seconds=1), detail={"attempts": 1, "invalid_keys": []},
-    )
-    await connection.execute(INSERT_SQL, *_row(ev, False))
-    return Decision(ev.consent_id, ev.call_id, purpose, ev.recording_id, ev.caller_ref, [ev])
 
 
-async def add_event(connection: asyncpg.Connection, decision: Decision, kind: EventKind, at: datetime) -> None:
-    first = decision.events[0]
-    ev = ConsentEvent(
-        consent_id=decision.consent_id, call_id=decision.call_id, event=kind, purpose=decision.purpose,
-        legal_basis=first.legal_basis, occurred_at=at, source="ari", caller_ref=first.caller_ref,
-        recording_id=decision.recording_id)
-    await connection.execute(INSERT_SQL, *_row(ev, False))
-    decision.events.append(ev)
 
 
-async def rows(connection: asyncpg.Connection, consent_id: uuid.UUID) -> list[dict[str, Any]]:
-    return [dict(r) for r in await connection.fetch(
-        "SELECT * FROM consent_events WHERE consent_id = $1 ORDER BY seq", consent_id)]
 
 
-async def tombstones(connection: asyncpg.Connection, **where: Any) -> list[dict[str, Any]]:
-    clauses = " AND ".join(f"{key} = ${i}" for i, key in enumerate(where, 1)) or "true"
-    return [dict(r) for r in await connection.fetch(
-        f"SELECT * FROM data_erasures WHERE {clauses} ORDER BY seq", *where.values())]
 
 
-NON_PERSONAL = ("event_id", "consent_id", "call_id", "event", "purpose", "legal_basis", "language",
-                "prompt_version", "digit", "recording_id", "prompt_started_at", "decided_at", "occurred_at",
-                "stored_at", "source", "via_journal", "detail")
 
 
-# A deferred check on recording tombstones: the transaction fails at COMMIT, after every
-# statement in it ran (what a lost connection or a serialization failure at commit looks like).
-FAIL_AT_COMMIT = """
-CREATE FUNCTION test_refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'refused at commit (test)';
-END;
-$$;
-CREATE CONSTRAINT TRIGGER test_refuse_at_commit AFTER INSERT ON data_erasures
-    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
-    WHEN (NEW.scope = 'recording') EXECUTE FUNCTION test_refuse_at_commit();
-"""
 
 
-def sweeper(db: str, recdir: Path, clock: Clock, **kw: Any) -> RetentionSweeper:
-    return RetentionSweeper(db, recdir, PURPOSES, clock=clock, **kw)
 
 
 # -- retention boundaries -----------------------------------------------------------------------
@@ -476,10 +383,10 @@ def test_recording_files_match_only_the_id(recdir: Path) -> None:
     write_recording(recdir, other)
     for junk in (f"{rec}.wav.bak~", f"x{rec}.wav", f"{rec}-../x.wav".replace("/", "_"), f"{rec}.WAV"):
         (recdir / junk).write_bytes(b"")
-    assert retention.recording_files(recdir, rec) == sorted(mine)
+    assert recordings.recording_files(recdir, rec) == sorted(mine)
     for bad in ("../../etc/passwd", rec.upper(), rec[:-1], rec + "0", "*", f"{rec}\n", ""):
         with pytest.raises(ValueError):
-            retention.recording_files(recdir, bad)
+            recordings.recording_files(recdir, bad)
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -487,7 +394,7 @@ def test_recording_files_match_only_the_id(recdir: Path) -> None:
 def test_cli_sweep_and_hold(db: str, recdir: Path, monkeypatch: pytest.MonkeyPatch,
                             capsys: pytest.CaptureFixture[str], restore_logging: None) -> None:
     """The CLI on the real clock: an old decision goes, a fresh one stays; holds by number."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     async def setup() -> tuple[Decision, Decision]:
         connection = await asyncpg.connect(db)
@@ -548,7 +455,7 @@ def test_sample_purpose_catalogue_loads_with_both_businesses() -> None:
     assert broker.legal_basis == "legal-obligation" and broker.retention_days == 1825
     assert broker.prompt == "notice-legal-obligation" and not broker.training_copy
     for purpose in settings.purposes.values():
-        assert (ROOT / "prompts" / "sounds" / "en" / f"{purpose.prompt}.wav").is_file(), purpose.prompt
+        assert (packaged_sounds_dir() / "en" / f"{purpose.prompt}.wav").is_file(), purpose.prompt
     # The TOML shown in docs/purposes.md is the shipped sample, table for table.
     docs = (ROOT / "docs" / "purposes.md").read_text()
     shown: dict[str, Any] = {}
@@ -659,16 +566,16 @@ def test_the_recordings_directory_must_be_0700_as_the_gate_requires(tmp_path: Pa
     for mode, private in ((0o700, True), (0o2700, False), (0o2770, False), (0o750, False),
                           (0o710, False), (0o701, False), (0o755, False), (0o2777, False)):
         directory.chmod(mode)
-        problem = retention.recordings_dir_problem(directory)
+        problem = recordings.dir_mode_problem(directory)
         assert (problem is None) == private, oct(mode)
         if problem is not None:
             assert f"mode {mode:04o} is not 0700" in problem and f"chmod 00700 {directory}" in problem
     link = tmp_path / "link"
     link.symlink_to(directory)
     directory.chmod(0o700)
-    assert "symbolic link" in (retention.recordings_dir_problem(link) or "")
-    assert retention.recordings_dir_problem(tmp_path / "missing") is None
+    assert "symbolic link" in (recordings.dir_mode_problem(link) or "")
+    assert recordings.dir_mode_problem(tmp_path / "missing") is None
     # GNU chmod keeps a directory's setgid bit on "chmod 0700": the hint's "00700" clears it.
     directory.chmod(0o2770)
     subprocess.run(["chmod", "00700", str(directory)], check=True, timeout=30)
-    assert retention.recordings_dir_problem(directory) is None
+    assert recordings.dir_mode_problem(directory) is None

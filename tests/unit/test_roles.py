@@ -13,22 +13,13 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from consent_gate import subject
-from consent_gate.rig.pgsandbox import PgSandbox
-from consent_gate.subject import SubjectQuery
+from consent_gate.admin import subject
+from consent_gate.admin.subject import SubjectQuery
+from consent_gate.ledger.store import SQL_DIR
+from consent_gate_rig.ledgerdata import DAY, HMAC_KEY, PURPOSES, T0, Clock, add_decision, write_recording
+from consent_gate_rig.pgsandbox import PgSandbox
 
-from .test_retention import (  # noqa: F401  (fixtures)
-    DAY,
-    HMAC_KEY,
-    PURPOSES,
-    T0,
-    Clock,
-    add_decision,
-    recdir,
-    write_recording,
-)
-
-ROLES_SQL = Path(__file__).resolve().parents[2] / "sql" / "roles" / "roles.sql"
+ROLES_SQL = SQL_DIR / "roles" / "roles.sql"
 
 
 @pytest_asyncio.fixture

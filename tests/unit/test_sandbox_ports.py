@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from consent_gate.rig.sandbox import AsteriskSandbox, SandboxError, SandboxSettings
+from consent_gate_rig.sandbox import AsteriskSandbox, SandboxError, SandboxSettings
 
 
 def _free_tcp_port() -> int:

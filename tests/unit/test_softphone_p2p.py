@@ -19,8 +19,8 @@ import pytest_asyncio
 
 pytest.importorskip("baresip")
 
-from consent_gate.rig import audio  # noqa: E402
-from consent_gate.rig.softphone import (  # noqa: E402
+from consent_gate_rig import audio  # noqa: E402
+from consent_gate_rig.softphone import (  # noqa: E402
     CallNotAnswered,
     Line,
     PhoneCall,
@@ -296,7 +296,7 @@ async def test_no_incoming_call(phone: Softphone) -> None:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "consent_gate.rig.softphone", *args]
+    return [sys.executable, "-m", "consent_gate_rig.softphone", *args]
 
 
 async def _run_cli(*args: str, timeout: float = 30) -> tuple[int, str, str]:

@@ -1,4 +1,4 @@
-"""Data-subject export and erasure on a real PostgreSQL and real files (fixtures: test_retention)."""
+"""Data-subject export and erasure on a real PostgreSQL and real files (fixtures: tests/unit/conftest.py, data: consent_gate_rig.ledgerdata)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consent_gate import subject
-from consent_gate.events import EventKind, new_recording_id
-from consent_gate.retention import place_hold, release_hold
-from consent_gate.subject import SubjectNotFound, SubjectQuery
-
-from .test_retention import (  # noqa: F401  (fixtures)
+from consent_gate.admin import subject
+from consent_gate.admin.retention import place_hold, release_hold
+from consent_gate.admin.subject import SubjectNotFound, SubjectQuery
+from consent_gate.core.events import EventKind, new_recording_id
+from consent_gate_rig.ledgerdata import (
     DAY,
     FAIL_AT_COMMIT,
     HMAC_KEY,
@@ -32,8 +31,7 @@ from .test_retention import (  # noqa: F401  (fixtures)
     Clock,
     add_decision,
     add_event,
-    recdir,
-    restore_logging,
+    add_training_copy,
     rows,
     sweeper,
     tombstones,
@@ -224,16 +222,6 @@ async def test_legal_hold_refuses_erasure_until_released(conn: asyncpg.Connectio
         "refusal", "erasure"]
 
 
-async def add_training_copy(conn: asyncpg.Connection, recording_id: str, copies: Path) -> str:
-    """A linked training copy of a recording, as consent_gate.training makes them."""
-    copies.mkdir(mode=0o700, exist_ok=True)
-    copy_id = uuid.uuid4().hex
-    (copies / f"{copy_id}.wav").write_bytes(b"RIFF-copy-" + copy_id.encode())
-    await conn.execute("INSERT INTO training_copies (copy_id, period, purpose, caller_leg, agent_leg, method,"
-                       " delete_after) VALUES ($1, '2031-03', 'training', 'mcadams', 'original', 'm', '2031-06-01')",
-                       copy_id)
-    await conn.execute("INSERT INTO training_copy_links VALUES ($1, $2)", recording_id, copy_id)
-    return copy_id
 
 
 async def test_erase_removes_the_training_copy_of_the_recording(

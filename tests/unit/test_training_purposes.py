@@ -24,10 +24,11 @@ import asyncpg
 import numpy as np
 import pytest
 
-from consent_gate import anonymise as an
-from consent_gate import subject, training
+from consent_gate.admin import anonymise as an
+from consent_gate.admin import subject, training
+from consent_gate.admin.retention import RetentionSweeper, place_hold, release_hold
 from consent_gate.config import Purpose, Settings, load_settings
-from consent_gate.dialog import (
+from consent_gate.core.dialog import (
     CallInfo,
     DialogResult,
     GateContext,
@@ -35,15 +36,14 @@ from consent_gate.dialog import (
     event_for,
     run_gate,
 )
-from consent_gate.events import Decision, EventKind
-from consent_gate.journal import Journal
-from consent_gate.ledger import Ledger
-from consent_gate.midcall import MidCallState
-from consent_gate.prompts import PromptCatalog
-from consent_gate.retention import RetentionSweeper, place_hold, release_hold
+from consent_gate.core.events import Decision, EventKind
+from consent_gate.core.midcall import MidCallState
+from consent_gate.ledger.journal import Journal
+from consent_gate.ledger.store import Ledger
+from consent_gate.prompts.catalog import PromptCatalog, packaged_sounds_dir
 
 REPO = Path(__file__).resolve().parents[2]
-SOUNDS = REPO / "prompts" / "sounds"
+SOUNDS = packaged_sounds_dir()
 CATALOG = PromptCatalog.load(SOUNDS)
 # The calls happen an hour ago: the training worker runs on the real clock, the sweeper on an injected one.
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)

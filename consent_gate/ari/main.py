@@ -1,0 +1,153 @@
+"""consent-gate-ari: the long-running ARI service.
+
+    consent-gate-ari --config /etc/consent-gate/consent-gate.toml
+
+Secrets come from the environment (CONSENT_GATE_ARI_PASSWORD, CONSENT_GATE_HMAC_KEY, or their
+*_FILE variants); see deploy/consent-gate.toml for every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from consent_gate.ari import metrics
+from consent_gate.ari.ami import AmiClient, AmiConfig, AmiError
+from consent_gate.ari.app import ConsentGateApp
+from consent_gate.ari.transport import AriClient, AriConfig
+from consent_gate.config import ConfigError, Settings, load_settings
+from consent_gate.core.dialog import GateContext
+from consent_gate.ledger.journal import Journal
+from consent_gate.ledger.store import Ledger
+from consent_gate.log import configure_logging
+from consent_gate.prompts.catalog import PromptCatalog, PromptError
+from consent_gate.recordings import check_private_dir, owner_uid
+
+log = structlog.get_logger(__name__)
+
+
+def check_prompts(settings: Settings, catalog: PromptCatalog) -> None:
+    """Every purpose's prompt and the shared prompts must exist in the default language."""
+    needed = {p.prompt for p in settings.purposes.values()} | {"invalid", "granted", "declined"}
+    for name in sorted(needed):
+        catalog.version(settings.default_language, name)
+
+
+def check_recordings_dir(settings: Settings) -> None:
+    """Refuse to run unless MixMonitor's directory is private to the Asterisk user."""
+    check_private_dir(settings.recordings_dir, owner_uid(settings.recordings_owner))
+
+
+def check_journal_writable(directory: Path) -> None:
+    """The journal is the fallback while PostgreSQL is down: prove now that a write reaches the
+    disk there (create, fsync, remove a probe file), not on the first outage."""
+    probe = directory / f".check-config-{os.getpid()}"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, b"probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"ledger.journal_dir {directory}: not writable ({error.strerror})") from None
+
+
+async def check_ami_login(settings: Settings) -> None:
+    """Log in to AMI once (mid-call withdrawal depends on it); the error never shows the secret."""
+    ami = AmiClient(AmiConfig(settings.ami_host, settings.ami_port, settings.ami_user, settings.ami_secret or ""))
+    try:
+        await ami.action("Ping")
+    except AmiError as error:
+        raise ConfigError(f"ami: cannot log in to {settings.ami_host}:{settings.ami_port} as "
+                          f"{settings.ami_user!r}: {error}") from None
+    finally:
+        await ami.close()
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    catalog = PromptCatalog.load(settings.prompts_dir)
+    check_prompts(settings, catalog)
+    ledger = Ledger(settings.database_dsn, Journal(settings.journal_dir),
+                    write_timeout=settings.ledger_write_timeout)
+    await ledger.start()
+    try:
+        ari = AriConfig(base_url=settings.ari_url, username=settings.ari_user,
+                        password=settings.ari_password, app=settings.ari_app)
+        ami = AmiClient(AmiConfig(settings.ami_host, settings.ami_port, settings.ami_user, settings.ami_secret or ""))
+        async with AriClient(ari) as client:
+            app = ConsentGateApp(client, GateContext(settings, catalog, ledger), ami=ami)
+            exporter = await metrics.start_exporter(app, ledger)
+            runner = asyncio.create_task(app.run(), name="ari-app")
+            log.info("consent_gate.started", ari=settings.ari_url, app=settings.ari_app,
+                     purposes=sorted(settings.purposes))
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if runner not in done:
+                runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            await exporter.close()
+    finally:
+        await ami.close()
+        await ledger.close()
+        log.info("consent_gate.stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="consent-gate-ari",
+        description="Asterisk ARI service that asks callers for recording consent. "
+        "Secrets: CONSENT_GATE_ARI_PASSWORD and CONSENT_GATE_HMAC_KEY (or *_FILE).",
+    )
+    parser.add_argument("--config", type=Path, help="TOML settings file (default: $CONSENT_GATE_CONFIG)")
+    parser.add_argument("--check-config", action="store_true", help="validate settings and prompts, then exit")
+    parser.add_argument("--log-format", choices=("json", "console"), default="json")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning"),
+                        default=os.environ.get("CONSENT_GATE_LOG_LEVEL", "info"))
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format, getattr(logging, args.log_level.upper()))
+    try:
+        settings = load_settings(args.config)
+        if not settings.ami_secret:
+            # Withdrawal must be as easy as consent: without AMI the service could not stop a recording.
+            raise ConfigError("ami.secret: mid-call withdrawal needs AMI; set CONSENT_GATE_AMI_SECRET or *_FILE")
+        check_recordings_dir(settings)
+        if args.check_config:
+            check_prompts(settings, PromptCatalog.load(settings.prompts_dir))
+            check_journal_writable(settings.journal_dir)
+            asyncio.run(check_ami_login(settings))
+            print("configuration ok")
+            return 0
+    except (ConfigError, PromptError) as error:
+        print(f"consent-gate-ari: {error}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        asyncio.run(run())
+    except PromptError as error:
+        print(f"consent-gate-ari: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Pieces the integration tests and the demo share: the ARI service as a real process, and a
+reader for Asterisk's log that waits for lines with a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from .sandbox import AsteriskSandbox
+
+# The purpose catalogue the sandbox service runs with: the shipped defaults plus a purpose
+# recorded by law (MiFID II securities orders) for the legal-obligation tests.
+SANDBOX_PURPOSES = """
+[purposes.training]
+legal_basis = "consent"
+prompt = "question-training"
+retention_days = 90
+training_copy = true
+
+[purposes.documentation]
+legal_basis = "consent"
+prompt = "question-documentation"
+retention_days = 365
+
+[purposes.securities]
+legal_basis = "legal-obligation"
+prompt = "notice-legal-obligation"
+retention_days = 1825
+"""
+
+RESULT_LINE = re.compile(
+    r"consent-result: test=(?P<tag>[A-Za-z0-9-]*) status=(?P<status>[a-z-]*) "
+    r"id=(?P<consent_id>[0-9a-f-]*) recording=(?P<recording_id>[0-9a-f]*)"
+)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """What the dialplan saw after the gate returned (from the sandbox's test-report line)."""
+
+    tag: str
+    status: str
+    consent_id: str
+    recording_id: str
+
+
+class AsteriskLog:
+    """Reads Asterisk's 'full' log from a start offset; waits for patterns with a deadline."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def text(self) -> str:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                return handle.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def wait_for(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.text())
+            if match:
+                return match
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{regex.pattern!r} not in {self.path} within {timeout:.0f} s")
+            await asyncio.sleep(0.05)
+
+    async def gate_result(self, tag: str, timeout: float) -> GateResult:
+        match = await self.wait_for(
+            re.compile(RESULT_LINE.pattern.replace("(?P<tag>[A-Za-z0-9-]*)", f"(?P<tag>{re.escape(tag)})")),
+            timeout,
+        )
+        return GateResult(**match.groupdict())
+
+
+@dataclass
+class GateService:
+    """The consent-gate ARI service as a real child process (what systemd would run)."""
+
+    sandbox: AsteriskSandbox
+    dsn: str
+    work_dir: Path
+    hmac_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    extra_env: dict[str, str] = field(default_factory=dict)
+    config_path: Path | None = None
+    # The service command before "--config FILE"; default: this Python's consent_gate.ari.main.
+    # The wheel-install test runs the installed /opt/.../bin/consent-gate-ari instead.
+    command: list[str] | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "consent-gate-ari.log"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.work_dir / "journal"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.sandbox.env())
+        env.update(
+            CONSENT_GATE_DSN=self.dsn,
+            CONSENT_GATE_HMAC_KEY=self.hmac_key,
+            CONSENT_GATE_JOURNAL_DIR=str(self.journal_dir),
+        )
+        env.update(self.extra_env)
+        return env
+
+    async def start(self, timeout: float = 20.0) -> None:
+        if self.running:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        # The AGI script (run by Asterisk) shares the ledger, the purposes and the pseudonym key.
+        self.sandbox.write_gate_config(self.dsn, self.hmac_key, SANDBOX_PURPOSES)
+        config = self.config_path
+        if config is None:
+            config = self.work_dir / "consent-gate.toml"
+            config.write_text(SANDBOX_PURPOSES)
+        args = [*(self.command or [sys.executable, "-m", "consent_gate.ari.main"]), "--config", str(config)]
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(args, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        await self.wait_registered(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def wait_registered(self, timeout: float) -> None:
+        """Until Asterisk lists our ARI application (the websocket is connected)."""
+        env = self.sandbox.env()
+        url = f"{env['CONSENT_GATE_ARI_URL']}/ari/applications/{env['CONSENT_GATE_ARI_APP']}"
+        token = base64.b64encode(f"{env['CONSENT_GATE_ARI_USER']}:{env['CONSENT_GATE_ARI_PASSWORD']}".encode())
+        headers = {"Authorization": "Basic " + token.decode()}
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(f"consent-gate-ari exited ({self.process.returncode}):\n{self.log_tail()}")
+                try:
+                    async with session.get(url, headers=headers) as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"consent-gate-ari did not register with ARI in {timeout:.0f} s:\n{self.log_tail()}")
+
+    async def stop(self, *, kill: bool = False, timeout: float = 10.0) -> int | None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        return process.returncode
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
