@@ -11,9 +11,9 @@ from typing import Any
 import structlog
 
 from consent_gate import contract
-from consent_gate.ari import metrics
 from consent_gate.ari.ami import AmiClient
 from consent_gate.ari.call import Call, CallState, release_unrecorded
+from consent_gate.ari.metrics import ServiceMetrics
 from consent_gate.ari.router import Router, event_channel, sub_object
 from consent_gate.ari.transport import AriClient, AriError
 from consent_gate.ari.watch import SNOOP_ARG
@@ -39,6 +39,7 @@ class ConsentGateApp:
     _helpers: set[asyncio.Task[None]] = field(default_factory=set)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     cleanup_grace: float = CLEANUP_GRACE
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
     async def run(self) -> None:
         """Consume ARI events until cancelled; on cancel, release every live call (fail closed)."""
@@ -53,11 +54,11 @@ class ConsentGateApp:
         match event.get("type"):
             case "TransportConnected":
                 self.connected.set()
-                metrics.ari_connected()
+                self.metrics.ari_connected()
                 self._in_background(self._adopt_or_release_orphans(), "orphans")
             case "TransportDisconnected":
                 self.connected.clear()
-                metrics.ari_disconnected()
+                self.metrics.ari_disconnected()
                 # A PlaybackFinished or DTMF may have been lost: every open dialog fails closed.
                 for call in self.calls:
                     if call.state in (CallState.ANSWERING, CallState.ASKING, CallState.STORING):
@@ -105,7 +106,7 @@ class ConsentGateApp:
         call = Call(
             client=self.client, gate=self.gate, router=self.router, channel_id=channel_id, info=info,
             purposes=parse_purposes(purpose_name, self.gate.settings),
-            channel_name=str(channel.get("name") or ""), ami=self.ami, on_dialog_done=metrics.observe_call,
+            channel_name=str(channel.get("name") or ""), ami=self.ami, metrics=self.metrics,
         )
         self._start(call)
 
@@ -197,7 +198,8 @@ class ConsentGateApp:
             confirmation=None, caller_records=fields["CONSENT_CALLER_RECORDS"] == "1" or caller_records,
             purpose=purpose.name, purposes=[name for name in fields["CONSENT_PURPOSES"].split(",") if name])
         call = Call(client=self.client, gate=self.gate, router=self.router, channel_id=channel_id, info=info,
-                    purposes=[purpose], channel_name=str(channel.get("name") or ""), ami=self.ami)
+                    purposes=[purpose], channel_name=str(channel.get("name") or ""), ami=self.ami,
+                    metrics=self.metrics)
         try:
             await call.adopt(result, withdrawn=withdrawn, paused_at=paused_at)
         except AriError as error:

@@ -21,15 +21,14 @@ import contextlib
 import enum
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import structlog
 
-from consent_gate.ari import metrics
 from consent_gate.ari.ami import AmiClient, AmiError
+from consent_gate.ari.metrics import CallObserver, CallOutcome
 from consent_gate.ari.router import Router, event_channel, sub_object
 from consent_gate.ari.transport import AriClient, AriError, ChannelGone
 from consent_gate.ari.watch import AriRecordingControl, MidCallWatch, Whispers
@@ -155,8 +154,9 @@ class Call:
     whispers: Whispers | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
-    # Called once the result is back in the dialplan (or the call released): dialog metrics.
-    on_dialog_done: Callable[[Call], None] | None = None
+    # Told of every transition, of mid-call errors, and of the outcome once the result is back in
+    # the dialplan (or the call released).
+    metrics: CallObserver | None = None
 
     def __post_init__(self) -> None:
         self.dialog.on_phase = self._dialog_phase
@@ -172,7 +172,8 @@ class Call:
         self.state = new
         log.info("call.transition", call_id=self.info.call_id, channel=self.channel_id,
                  from_state=str(old), to_state=str(new), **why)
-        metrics.call_transition(str(old), str(new))
+        if self.metrics is not None:
+            self.metrics.call_transition(str(old), str(new))
 
     def _dialog_phase(self, phase: Phase) -> None:
         new = _DIALOG_PHASES.get(phase)
@@ -296,8 +297,31 @@ class Call:
         finally:
             if self.state in UNFINISHED:
                 await self._release_unavailable("dialog failed")
-            if self.on_dialog_done is not None:
-                self.on_dialog_done(self)
+            if self.metrics is not None:
+                self.metrics.call_finished(self.outcome())
+
+    def outcome(self) -> CallOutcome:
+        """What this call's dialog came to, for the metrics (purpose names and statuses only)."""
+        now_mono, now_wall = time.monotonic(), time.time()
+        started_wall = now_wall - (now_mono - self.started_monotonic)
+        result = self.result
+        if result is not None:
+            status = str(result.status)
+        else:
+            status = "abandoned" if self.caller_gone else "unavailable"
+        purpose = "+".join(p.name for p in self.purposes or []) or (result.purpose if result else "") or "unknown"
+        state = self.dialog
+        to_prompt = to_release = None
+        if state.prompt_started_at is not None:
+            to_prompt = max(0.0, state.prompt_started_at.timestamp() - started_wall)
+        if state.decided_at is not None and state.digit is not None and status != "abandoned":
+            to_release = max(0.0, now_wall - state.decided_at.timestamp())
+        return CallOutcome(
+            purpose=purpose, status=status,
+            durability=str(state.durability) if state.durability is not None else None,
+            dialog_seconds=now_mono - self.started_monotonic, stasis_to_prompt=to_prompt,
+            decision_to_release=to_release,
+        )
 
     async def _hand_back(self, result: DialogResult) -> None:
         """Subscribe for the rest of the call, then hand the result back in one variable (one
@@ -358,7 +382,8 @@ class Call:
         except Exception as error:  # noqa: BLE001 -- never let one event end the call's rights
             log.error("midcall.event_failed", call_id=self.info.call_id, event_type=event.get("type"),
                       error=repr(error))
-            metrics.midcall_error()
+            if self.metrics is not None:
+                self.metrics.midcall_error()
 
     async def _finish(self, bound: Any) -> None:
         async def finish() -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import structlog
 
-from consent_gate.ari import metrics
 from consent_gate.ari.ami import AmiClient, AmiConfig, AmiError
 from consent_gate.ari.app import ConsentGateApp
+from consent_gate.ari.metrics import ServiceMetrics, start_exporter
 from consent_gate.ari.transport import AriClient, AriConfig
 from consent_gate.config import ConfigError, Settings, load_settings
 from consent_gate.core.dialog import GateContext
@@ -86,8 +86,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                         password=settings.ari_password, app=settings.ari_app)
         ami = AmiClient(AmiConfig(settings.ami_host, settings.ami_port, settings.ami_user, settings.ami_secret or ""))
         async with AriClient(ari) as client:
-            app = ConsentGateApp(client, GateContext(settings, catalog, ledger), ami=ami)
-            exporter = await metrics.start_exporter(app, ledger)
+            metrics = ServiceMetrics()
+            app = ConsentGateApp(client, GateContext(settings, catalog, ledger), ami=ami, metrics=metrics)
+            exporter = await start_exporter(metrics, app, ledger)
             runner = asyncio.create_task(app.run(), name="ari-app")
             log.info("consent_gate.started", ari=settings.ari_url, app=settings.ari_app,
                      purposes=sorted(settings.purposes))

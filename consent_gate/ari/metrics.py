@@ -35,8 +35,8 @@ import asyncio
 import collections
 import contextlib
 import os
-import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -53,7 +53,6 @@ from prometheus_client import (
 
 if TYPE_CHECKING:
     from consent_gate.ari.app import ConsentGateApp
-    from consent_gate.ari.call import Call
     from consent_gate.ledger.store import Ledger
 
 log = structlog.get_logger(__name__)
@@ -64,111 +63,126 @@ PORT_ENV = "CONSENT_GATE_METRICS_PORT"
 TRACEMALLOC_ENV = "CONSENT_GATE_TRACEMALLOC"
 LISTEN_HOST = "127.0.0.1"
 
-REGISTRY = CollectorRegistry(auto_describe=True)
-ProcessCollector(registry=REGISTRY)
-PlatformCollector(registry=REGISTRY)
+@dataclass(frozen=True)
+class CallOutcome:
+    """What one finished consent dialog reports (ari.call.Call.outcome builds it); no personal data."""
 
-DECISIONS = Counter(
-    "consent_gate_decisions", "Consent dialogs by purpose and outcome.", ["purpose", "status"], registry=REGISTRY)
-STORAGE = Counter(
-    "consent_gate_decision_storage", "Where a decision was stored (database, journal, lost).", ["durability"],
-    registry=REGISTRY)
-DIALOG_SECONDS = Histogram(
-    "consent_gate_dialog_duration_seconds", "StasisStart until the channel is back in the dialplan.", ["status"],
-    buckets=(0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180), registry=REGISTRY)
-STASIS_TO_PROMPT = Histogram(
-    "consent_gate_stasis_to_prompt_seconds", "StasisStart until the question prompt was requested from ARI.",
-    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=REGISTRY)
-DECISION_TO_RELEASE = Histogram(
-    "consent_gate_decision_to_release_seconds",
-    "Keypress until the channel continues in the dialplan (ledger write, variables, continue).",
-    buckets=(0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=REGISTRY)
-ARI_RECONNECTS = Counter(
-    "consent_gate_ari_reconnects", "Events websocket connections after the first one.", registry=REGISTRY)
-ARI_DISCONNECTS = Counter(
-    "consent_gate_ari_disconnects", "Drops of an established events websocket.", registry=REGISTRY)
-ARI_CONNECTED = Gauge("consent_gate_ari_connected", "1 while the events websocket is open.", registry=REGISTRY)
-ACTIVE_DIALOGS = Gauge("consent_gate_active_dialogs", "Calls in the consent dialog now.", registry=REGISTRY)
-ACTIVE_WATCHES = Gauge("consent_gate_active_watches", "Calls watched for mid-call codes now.", registry=REGISTRY)
-ASYNCIO_TASKS = Gauge("consent_gate_asyncio_tasks", "asyncio tasks alive in the service.", registry=REGISTRY)
-JOURNAL_BACKLOG = Gauge(
-    "consent_gate_journal_backlog_events", "Decisions in the local journal, not yet in the database.",
-    registry=REGISTRY)
-CALL_TRANSITIONS = Counter(
-    "consent_gate_call_transitions", "Per-call state changes (answering, asking, storing, ...).",
-    ["from_state", "to_state"], registry=REGISTRY)
-MIDCALL_ERRORS = Counter(
-    "consent_gate_midcall_errors", "Unexpected errors while handling a mid-call event (the watch goes on).",
-    registry=REGISTRY)
-LEDGER_DEGRADED = Gauge(
-    "consent_gate_ledger_degraded", "1 while the ledger writes to the journal (database unreachable).",
-    registry=REGISTRY)
-JOURNAL_QUARANTINED = Counter(
-    "consent_gate_journal_quarantined", "Journal lines this service moved to the quarantine, by kind.", ["kind"],
-    registry=REGISTRY)
-JOURNAL_QUARANTINE_LINES = Gauge(
-    "consent_gate_journal_quarantine_lines",
-    "Lines in the journal's quarantine file (from any process), waiting for an admin.", registry=REGISTRY)
-JOURNAL_REPLAY_FAILURES = Counter(
-    "consent_gate_journal_replay_failures",
-    "Journal replay rounds that failed for a reason other than the database (journal I/O, a bug).",
-    registry=REGISTRY)
-
-_connections = 0
+    purpose: str  # the purpose(s) the dialplan asked for, "documentation+training" for a granular gate
+    status: str
+    durability: str | None  # database, journal, lost; None when nothing was stored
+    dialog_seconds: float
+    stasis_to_prompt: float | None = None
+    decision_to_release: float | None = None
 
 
-# -- hooks ---------------------------------------------------------------------------------------
+class CallObserver(Protocol):
+    """What a call reports while it runs (ServiceMetrics is the one the service uses)."""
 
-def ari_connected() -> None:
-    """app.py, on TransportConnected."""
-    global _connections
-    if _connections:
-        ARI_RECONNECTS.inc()
-    _connections += 1
-    ARI_CONNECTED.set(1)
+    def call_transition(self, from_state: str, to_state: str) -> None: ...
 
+    def midcall_error(self) -> None: ...
 
-def ari_disconnected() -> None:
-    """app.py, on TransportDisconnected."""
-    ARI_DISCONNECTS.inc()
-    ARI_CONNECTED.set(0)
+    def call_finished(self, outcome: CallOutcome) -> None: ...
 
 
-def call_transition(from_state: str, to_state: str) -> None:
-    """call.py, on every state change of a call."""
-    CALL_TRANSITIONS.labels(from_state=from_state, to_state=to_state).inc()
+class ServiceMetrics:
+    """The service's instruments in a registry of their own: one object, made by main() and handed
+    to the app, its calls and the exporter (a test makes its own and reads it back)."""
 
+    def __init__(self) -> None:
+        registry = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        self.decisions = Counter(
+            "consent_gate_decisions", "Consent dialogs by purpose and outcome.", ["purpose", "status"],
+            registry=registry)
+        self.storage = Counter(
+            "consent_gate_decision_storage", "Where a decision was stored (database, journal, lost).",
+            ["durability"], registry=registry)
+        self.dialog_seconds = Histogram(
+            "consent_gate_dialog_duration_seconds", "StasisStart until the channel is back in the dialplan.",
+            ["status"], buckets=(0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180), registry=registry)
+        self.stasis_to_prompt = Histogram(
+            "consent_gate_stasis_to_prompt_seconds", "StasisStart until the question prompt was requested from ARI.",
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=registry)
+        self.decision_to_release = Histogram(
+            "consent_gate_decision_to_release_seconds",
+            "Keypress until the channel continues in the dialplan (ledger write, variables, continue).",
+            buckets=(0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=registry)
+        self.ari_reconnects = Counter(
+            "consent_gate_ari_reconnects", "Events websocket connections after the first one.", registry=registry)
+        self.ari_disconnects = Counter(
+            "consent_gate_ari_disconnects", "Drops of an established events websocket.", registry=registry)
+        self.ari_connected_gauge = Gauge(
+            "consent_gate_ari_connected", "1 while the events websocket is open.", registry=registry)
+        self.active_dialogs = Gauge("consent_gate_active_dialogs", "Calls in the consent dialog now.",
+                                    registry=registry)
+        self.active_watches = Gauge("consent_gate_active_watches", "Calls watched for mid-call codes now.",
+                                    registry=registry)
+        self.asyncio_tasks = Gauge("consent_gate_asyncio_tasks", "asyncio tasks alive in the service.",
+                                   registry=registry)
+        self.journal_backlog = Gauge(
+            "consent_gate_journal_backlog_events", "Decisions in the local journal, not yet in the database.",
+            registry=registry)
+        self.call_transitions = Counter(
+            "consent_gate_call_transitions", "Per-call state changes (answering, asking, storing, ...).",
+            ["from_state", "to_state"], registry=registry)
+        self.midcall_errors = Counter(
+            "consent_gate_midcall_errors", "Unexpected errors while handling a mid-call event (the watch goes on).",
+            registry=registry)
+        self.ledger_degraded = Gauge(
+            "consent_gate_ledger_degraded", "1 while the ledger writes to the journal (database unreachable).",
+            registry=registry)
+        self.journal_quarantined = Counter(
+            "consent_gate_journal_quarantined", "Journal lines this service moved to the quarantine, by kind.",
+            ["kind"], registry=registry)
+        self.journal_quarantine_lines = Gauge(
+            "consent_gate_journal_quarantine_lines",
+            "Lines in the journal's quarantine file (from any process), waiting for an admin.", registry=registry)
+        self.journal_replay_failures = Counter(
+            "consent_gate_journal_replay_failures",
+            "Journal replay rounds that failed for a reason other than the database (journal I/O, a bug).",
+            registry=registry)
+        self._connections = 0
 
-def midcall_error() -> None:
-    MIDCALL_ERRORS.inc()
+    # -- what the app and its calls report ---------------------------------------------------
 
+    def ari_connected(self) -> None:
+        """app.py, on TransportConnected."""
+        if self._connections:
+            self.ari_reconnects.inc()
+        self._connections += 1
+        self.ari_connected_gauge.set(1)
 
-def observe_call(session: Call) -> None:
-    """call.py, once a call's dialog has ended (whatever the way): outcome and latencies."""
-    with contextlib.suppress(Exception):  # metrics never break a call
-        _observe_call(session)
+    def ari_disconnected(self) -> None:
+        """app.py, on TransportDisconnected."""
+        self.ari_disconnects.inc()
+        self.ari_connected_gauge.set(0)
 
+    def call_transition(self, from_state: str, to_state: str) -> None:
+        self.call_transitions.labels(from_state=from_state, to_state=to_state).inc()
 
-def _observe_call(session: Call) -> None:
-    now_mono, now_wall = time.monotonic(), time.time()
-    started_wall = now_wall - (now_mono - session.started_monotonic)
-    result = session.result
-    if result is not None:
-        status = str(result.status)
-    else:
-        status = "abandoned" if session.caller_gone else "unavailable"
-    # The purpose(s) the dialplan asked for ("documentation+training" for a granular gate).
-    asked = getattr(session, "purposes", None) or []
-    purpose = "+".join(p.name for p in asked) or (getattr(result, "purpose", "") if result else "") or "unknown"
-    DECISIONS.labels(purpose=purpose, status=status).inc()
-    state = session.dialog
-    if state.durability is not None:
-        STORAGE.labels(durability=str(state.durability)).inc()
-    DIALOG_SECONDS.labels(status=status).observe(now_mono - session.started_monotonic)
-    if state.prompt_started_at is not None:
-        STASIS_TO_PROMPT.observe(max(0.0, state.prompt_started_at.timestamp() - started_wall))
-    if state.decided_at is not None and state.digit is not None and status != "abandoned":
-        DECISION_TO_RELEASE.observe(max(0.0, now_wall - state.decided_at.timestamp()))
+    def midcall_error(self) -> None:
+        self.midcall_errors.inc()
+
+    def call_finished(self, outcome: CallOutcome) -> None:
+        """Once a call's dialog has ended (whatever the way): outcome and latencies."""
+        with contextlib.suppress(Exception):  # metrics never break a call
+            self.decisions.labels(purpose=outcome.purpose, status=outcome.status).inc()
+            if outcome.durability is not None:
+                self.storage.labels(durability=outcome.durability).inc()
+            self.dialog_seconds.labels(status=outcome.status).observe(outcome.dialog_seconds)
+            if outcome.stasis_to_prompt is not None:
+                self.stasis_to_prompt.observe(outcome.stasis_to_prompt)
+            if outcome.decision_to_release is not None:
+                self.decision_to_release.observe(outcome.decision_to_release)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def sample(self, name: str, labels: dict[str, str] | None = None, text: str | None = None) -> Any:
+        """The value of one sample now (or in ``text``, a scraped exposition)."""
+        return sample(name, labels, text if text is not None else self.exposition().decode())
 
 
 # -- the endpoint --------------------------------------------------------------------------------
@@ -185,7 +199,8 @@ def configured_port(env: dict[str, str] | None = None) -> int | None:
 class Exporter:
     """The /metrics endpoint on 127.0.0.1 (aiohttp, in the service's own event loop)."""
 
-    def __init__(self, app: ConsentGateApp | None, ledger: Ledger | None) -> None:
+    def __init__(self, metrics: ServiceMetrics, app: ConsentGateApp | None, ledger: Ledger | None) -> None:
+        self.metrics = metrics
         self.app = app
         self.ledger = ledger
         self.port: int | None = None
@@ -198,29 +213,31 @@ class Exporter:
 
     def refresh(self) -> None:
         """Gauges that are read, not counted: sampled at scrape time."""
+        m = self.metrics
         if self.app is not None:
-            ACTIVE_DIALOGS.set(self.app.count_dialogs())
-            ACTIVE_WATCHES.set(self.app.count_watches())
+            m.active_dialogs.set(self.app.count_dialogs())
+            m.active_watches.set(self.app.count_watches())
         with contextlib.suppress(RuntimeError):
-            ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
+            m.asyncio_tasks.set(len(asyncio.all_tasks()))
         if self.ledger is not None:
-            LEDGER_DEGRADED.set(1 if self.ledger.degraded else 0)
+            m.ledger_degraded.set(1 if self.ledger.degraded else 0)
             for kind, total in self.ledger.journal.quarantined_by_kind.items():
                 if total > self._quarantined_seen[kind]:
-                    JOURNAL_QUARANTINED.labels(kind=kind).inc(total - self._quarantined_seen[kind])
+                    m.journal_quarantined.labels(kind=kind).inc(total - self._quarantined_seen[kind])
                     self._quarantined_seen[kind] = total
             if self.ledger.replay_failures > self._replay_failures_seen:
-                JOURNAL_REPLAY_FAILURES.inc(self.ledger.replay_failures - self._replay_failures_seen)
+                m.journal_replay_failures.inc(self.ledger.replay_failures - self._replay_failures_seen)
                 self._replay_failures_seen = self.ledger.replay_failures
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         self.refresh()
         if self.ledger is not None:
             with contextlib.suppress(OSError):
-                JOURNAL_BACKLOG.set(await asyncio.to_thread(self.ledger.journal.backlog))
+                self.metrics.journal_backlog.set(await asyncio.to_thread(self.ledger.journal.backlog))
             with contextlib.suppress(OSError):
-                JOURNAL_QUARANTINE_LINES.set(await asyncio.to_thread(self.ledger.journal.quarantined_lines))
-        body = await asyncio.to_thread(generate_latest, REGISTRY)
+                self.metrics.journal_quarantine_lines.set(
+                    await asyncio.to_thread(self.ledger.journal.quarantined_lines))
+        body = await asyncio.to_thread(self.metrics.exposition)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _memory(self, _request: web.Request) -> web.Response:
@@ -263,10 +280,10 @@ class Exporter:
             self._runner = None
 
 
-async def start_exporter(app: ConsentGateApp | None, ledger: Ledger | None,
+async def start_exporter(metrics: ServiceMetrics, app: ConsentGateApp | None, ledger: Ledger | None,
                          env: dict[str, str] | None = None) -> Exporter:
     """main.py: serve /metrics if CONSENT_GATE_METRICS_PORT is set; never raises."""
-    exporter = Exporter(app, ledger)
+    exporter = Exporter(metrics, app, ledger)
     try:
         port = configured_port(env)
         if port is None:
@@ -278,12 +295,11 @@ async def start_exporter(app: ConsentGateApp | None, ledger: Ledger | None,
     return exporter
 
 
-def sample(name: str, labels: dict[str, str] | None = None, text: str | None = None) -> Any:
-    """The value of one sample in the current exposition (for tests and the soak script)."""
+def sample(name: str, labels: dict[str, str] | None, text: str) -> Any:
+    """The value of one sample in a scraped exposition (for tests and the soak script)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    exposition = text if text is not None else generate_latest(REGISTRY).decode()
-    for family in text_string_to_metric_families(exposition):
+    for family in text_string_to_metric_families(text):
         for item in family.samples:
             if item.name == name and (labels is None or all(item.labels.get(k) == v for k, v in labels.items())):
                 return item.value

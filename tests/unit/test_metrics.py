@@ -1,11 +1,10 @@
-"""consent_gate.ari.metrics: what a finished call counts, the reconnect counter, the 127.0.0.1 endpoint."""
+"""consent_gate.ari.metrics (an injected ServiceMetrics) and Call.outcome: what a finished call counts, the reconnect counter, the 127.0.0.1 endpoint."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -13,94 +12,84 @@ import aiohttp
 import pytest
 
 from consent_gate.ari import metrics
-from consent_gate.core.dialog import DialogState
+from consent_gate.ari.call import Call
+from consent_gate.ari.metrics import ServiceMetrics
+from consent_gate.ari.router import Router
+from consent_gate.config import Purpose
+from consent_gate.core.dialog import CallInfo, DialogResult, DialogState
 from consent_gate.core.events import Decision
 from consent_gate.ledger.store import Durability
 
 
-@dataclass
-class FakeSession:
-    """The attributes of a Call that observe_call reads."""
-
-    purposes: list = field(default_factory=lambda: [SimpleNamespace(name="training")])
-    result: object | None = None
-    caller_gone: bool = False
-    dialog: DialogState = field(default_factory=DialogState)
-    started_monotonic: float = field(default_factory=time.monotonic)
-
-
-def value(name: str, **labels: str) -> float:
-    return metrics.sample(name, labels or None) or 0.0
-
-
-def finished(status: Decision, *, digit: str | None = "1", decided_ago: float = 0.004,
-             started_ago: float = 3.0, prompt_after: float = 0.010) -> FakeSession:
+def call_with(status: Decision | None, *, purposes: list[str] = ["training"], digit: str | None = "1",  # noqa: B006
+              decided_ago: float = 0.004, started_ago: float = 3.0, prompt_after: float = 0.010,
+              caller_gone: bool = False) -> Call:
+    """A Call whose dialog is over (only what Call.outcome reads is filled in)."""
     now = datetime.now(UTC)
-    session = FakeSession(result=SimpleNamespace(status=status, purpose="training"))
-    session.started_monotonic = time.monotonic() - started_ago
-    session.dialog.prompt_started_at = now - timedelta(seconds=started_ago - prompt_after)
-    session.dialog.decided_at = now - timedelta(seconds=decided_ago)
-    session.dialog.digit = digit
-    session.dialog.durability = Durability.DATABASE
-    return session
+    call = Call(client=None, gate=None, router=Router(), channel_id="c1",  # type: ignore[arg-type]
+                info=CallInfo(call_id="c1", caller_number="", language="en"),
+                purposes=[Purpose(name, "consent", "question-training", 30) for name in purposes])
+    if status is not None:
+        call.result = DialogResult(status=status, consent_id="00000000-0000-4000-8000-000000000000",
+                                   recording_id=None, confirmation=None, purpose=purposes[0] if purposes else "")
+    call.caller_gone = caller_gone
+    call.started_monotonic = time.monotonic() - started_ago
+    call.dialog = DialogState()
+    call.dialog.prompt_started_at = now - timedelta(seconds=started_ago - prompt_after)
+    call.dialog.decided_at = now - timedelta(seconds=decided_ago)
+    call.dialog.digit = digit
+    call.dialog.durability = Durability.DATABASE if status is not None else None
+    return call
 
 
 def test_a_granted_call_counts_its_outcome_storage_and_latencies() -> None:
-    granted = value("consent_gate_decisions_total", purpose="training", status="granted")
-    stored = value("consent_gate_decision_storage_total", durability="database")
-    release_count = value("consent_gate_decision_to_release_seconds_count")
-    fast_release = value("consent_gate_decision_to_release_seconds_bucket", le="0.02")
-    prompt_count = value("consent_gate_stasis_to_prompt_seconds_count")
-    prompt_fast = value("consent_gate_stasis_to_prompt_seconds_bucket", le="0.02")
-
-    metrics.observe_call(finished(Decision.GRANTED))
-
-    assert value("consent_gate_decisions_total", purpose="training", status="granted") == granted + 1
-    assert value("consent_gate_decision_storage_total", durability="database") == stored + 1
-    assert value("consent_gate_decision_to_release_seconds_count") == release_count + 1
-    assert value("consent_gate_decision_to_release_seconds_bucket", le="0.02") == fast_release + 1
-    assert value("consent_gate_stasis_to_prompt_seconds_count") == prompt_count + 1
-    assert value("consent_gate_stasis_to_prompt_seconds_bucket", le="0.02") == prompt_fast + 1
-    assert value("consent_gate_dialog_duration_seconds_count", status="granted") >= 1
+    m = ServiceMetrics()
+    m.call_finished(call_with(Decision.GRANTED).outcome())
+    assert m.sample("consent_gate_decisions_total", {"purpose": "training", "status": "granted"}) == 1
+    assert m.sample("consent_gate_decision_storage_total", {"durability": "database"}) == 1
+    assert m.sample("consent_gate_decision_to_release_seconds_count") == 1
+    assert m.sample("consent_gate_decision_to_release_seconds_bucket", {"le": "0.02"}) == 1
+    assert m.sample("consent_gate_stasis_to_prompt_seconds_count") == 1
+    assert m.sample("consent_gate_stasis_to_prompt_seconds_bucket", {"le": "0.02"}) == 1
+    assert m.sample("consent_gate_dialog_duration_seconds_count", {"status": "granted"}) == 1
 
 
 def test_no_input_has_no_keypress_latency_and_a_crash_counts_as_unavailable() -> None:
-    release_count = value("consent_gate_decision_to_release_seconds_count")
-    no_input = value("consent_gate_decisions_total", purpose="training", status="no-input")
-    metrics.observe_call(finished(Decision.NO_INPUT, digit=None))
-    assert value("consent_gate_decisions_total", purpose="training", status="no-input") == no_input + 1
-    assert value("consent_gate_decision_to_release_seconds_count") == release_count
-
-    unavailable = value("consent_gate_decisions_total", purpose="training", status="unavailable")
-    metrics.observe_call(FakeSession())  # the dialog raised: no result
-    assert value("consent_gate_decisions_total", purpose="training", status="unavailable") == unavailable + 1
-
-    abandoned = value("consent_gate_decisions_total", purpose="unknown", status="abandoned")
-    metrics.observe_call(FakeSession(purposes=[], caller_gone=True))
-    assert value("consent_gate_decisions_total", purpose="unknown", status="abandoned") == abandoned + 1
+    m = ServiceMetrics()
+    m.call_finished(call_with(Decision.NO_INPUT, digit=None).outcome())
+    assert m.sample("consent_gate_decisions_total", {"purpose": "training", "status": "no-input"}) == 1
+    assert m.sample("consent_gate_decision_to_release_seconds_count") == 0
+    m.call_finished(call_with(None).outcome())  # the dialog raised: no result
+    assert m.sample("consent_gate_decisions_total", {"purpose": "training", "status": "unavailable"}) == 1
+    m.call_finished(call_with(None, purposes=[], caller_gone=True).outcome())
+    assert m.sample("consent_gate_decisions_total", {"purpose": "unknown", "status": "abandoned"}) == 1
 
 
-def test_granular_purposes_are_one_label_and_a_broken_session_never_raises() -> None:
-    session = finished(Decision.GRANTED)
-    session.purposes = [SimpleNamespace(name="documentation"), SimpleNamespace(name="training")]
-    before = value("consent_gate_decisions_total", purpose="documentation+training", status="granted")
-    metrics.observe_call(session)
-    assert value("consent_gate_decisions_total", purpose="documentation+training", status="granted") == before + 1
-    metrics.observe_call(object())  # type: ignore[arg-type]  # metrics never break a call
+def test_granular_purposes_are_one_label_and_a_broken_outcome_never_raises() -> None:
+    m = ServiceMetrics()
+    m.call_finished(call_with(Decision.GRANTED, purposes=["documentation", "training"]).outcome())
+    assert m.sample("consent_gate_decisions_total", {"purpose": "documentation+training", "status": "granted"}) == 1
+    m.call_finished(object())  # type: ignore[arg-type]  # metrics never break a call
+
+
+def test_two_services_in_one_process_count_apart() -> None:
+    """No module-global counters: each ServiceMetrics has its own registry."""
+    first, second = ServiceMetrics(), ServiceMetrics()
+    first.call_finished(call_with(Decision.DECLINED).outcome())
+    assert first.sample("consent_gate_decisions_total", {"purpose": "training", "status": "declined"}) == 1
+    assert second.sample("consent_gate_decisions_total", {"purpose": "training", "status": "declined"}) is None
 
 
 def test_reconnects_count_every_connection_after_the_first() -> None:
-    reconnects = value("consent_gate_ari_reconnects_total")
-    disconnects = value("consent_gate_ari_disconnects_total")
-    metrics._connections = 0
-    metrics.ari_connected()
-    assert value("consent_gate_ari_connected") == 1
-    assert value("consent_gate_ari_reconnects_total") == reconnects
-    metrics.ari_disconnected()
-    assert value("consent_gate_ari_connected") == 0
-    metrics.ari_connected()
-    assert value("consent_gate_ari_reconnects_total") == reconnects + 1
-    assert value("consent_gate_ari_disconnects_total") == disconnects + 1
+    m = ServiceMetrics()
+    m.ari_connected()
+    assert m.sample("consent_gate_ari_connected") == 1
+    assert m.sample("consent_gate_ari_reconnects_total") == 0
+    m.ari_disconnected()
+    assert m.sample("consent_gate_ari_connected") == 0
+    m.ari_connected()
+    assert m.sample("consent_gate_ari_reconnects_total") == 1
+    assert m.sample("consent_gate_ari_disconnects_total") == 1
 
 
 def test_port_setting() -> None:
@@ -127,7 +116,7 @@ class FakeJournal:
 async def test_endpoint_serves_on_loopback_with_live_gauges() -> None:
     app = SimpleNamespace(count_dialogs=lambda: 2, count_watches=lambda: 1)
     ledger = SimpleNamespace(degraded=True, journal=FakeJournal(), replay_failures=0)
-    exporter = await metrics.start_exporter(app, ledger, env={metrics.PORT_ENV: "0"})  # type: ignore[arg-type]
+    exporter = await metrics.start_exporter(ServiceMetrics(), app, ledger, env={metrics.PORT_ENV: "0"})  # type: ignore[arg-type]
     try:
         assert exporter.port
         async with aiohttp.ClientSession() as session:
@@ -135,14 +124,14 @@ async def test_endpoint_serves_on_loopback_with_live_gauges() -> None:
                 assert response.status == 200
                 assert response.headers["Content-Type"].startswith("text/plain")
                 text = await response.text()
-        assert metrics.sample("consent_gate_active_dialogs", text=text) == 2
-        assert metrics.sample("consent_gate_active_watches", text=text) == 1
-        assert metrics.sample("consent_gate_journal_backlog_events", text=text) == 3
-        assert metrics.sample("consent_gate_ledger_degraded", text=text) == 1
-        assert metrics.sample("consent_gate_journal_quarantine_lines", text=text) == 2
-        assert metrics.sample("consent_gate_asyncio_tasks", text=text) >= 1
-        assert metrics.sample("process_resident_memory_bytes", text=text) > 0
-        assert metrics.sample("process_open_fds", text=text) > 0
+        assert metrics.sample("consent_gate_active_dialogs", None, text) == 2
+        assert metrics.sample("consent_gate_active_watches", None, text) == 1
+        assert metrics.sample("consent_gate_journal_backlog_events", None, text) == 3
+        assert metrics.sample("consent_gate_ledger_degraded", None, text) == 1
+        assert metrics.sample("consent_gate_journal_quarantine_lines", None, text) == 2
+        assert metrics.sample("consent_gate_asyncio_tasks", None, text) >= 1
+        assert metrics.sample("process_resident_memory_bytes", None, text) > 0
+        assert metrics.sample("process_open_fds", None, text) > 0
         # Loopback only: the port is not open on another local address.
         with socket.socket() as probe:
             probe.settimeout(1)
@@ -152,14 +141,14 @@ async def test_endpoint_serves_on_loopback_with_live_gauges() -> None:
 
 
 async def test_unset_port_means_no_endpoint_and_a_busy_port_does_not_stop_the_service() -> None:
-    exporter = await metrics.start_exporter(None, None, env={})
+    exporter = await metrics.start_exporter(ServiceMetrics(), None, None, env={})
     assert exporter.port is None
     await exporter.close()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        exporter = await metrics.start_exporter(None, None, env={metrics.PORT_ENV: str(port)})
+        exporter = await metrics.start_exporter(ServiceMetrics(), None, None, env={metrics.PORT_ENV: str(port)})
         assert exporter.port is None
         await exporter.close()
     await asyncio.sleep(0)
@@ -168,7 +157,7 @@ async def test_unset_port_means_no_endpoint_and_a_busy_port_does_not_stop_the_se
 async def test_tracemalloc_diagnostics_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     import tracemalloc
 
-    exporter = await metrics.start_exporter(None, None, env={metrics.PORT_ENV: "0"})
+    exporter = await metrics.start_exporter(ServiceMetrics(), None, None, env={metrics.PORT_ENV: "0"})
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{exporter.port}/debug/memory") as response:
@@ -176,7 +165,7 @@ async def test_tracemalloc_diagnostics_only_when_asked(monkeypatch: pytest.Monke
     finally:
         await exporter.close()
     monkeypatch.setenv(metrics.TRACEMALLOC_ENV, "1")
-    exporter = await metrics.start_exporter(None, None, env={metrics.PORT_ENV: "0"})
+    exporter = await metrics.start_exporter(ServiceMetrics(), None, None, env={metrics.PORT_ENV: "0"})
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{exporter.port}/debug/memory") as response:
