@@ -15,16 +15,25 @@ from datetime import datetime
 # -- the result, handed back in one variable ----------------------------------------------------
 RESULT_VARIABLE = "CONSENT_RESULT"
 RESULT_SEPARATOR = ":"
+# What [consent-gate-apply] unpacks it into (and what the admin's dialplan may read afterwards).
+ID_VARIABLE = "CONSENT_ID"  # the decision's id, the caller's reference for a data-subject request
+RECORDING_ID_VARIABLE = "CONSENT_RECORDING_ID"  # names the files; empty when nothing records
+RECORD_LEGS_VARIABLE = "CONSENT_RECORD_LEGS"  # "1": keep the caller and agent legs apart too
+CONFIRMATION_VARIABLE = "CONSENT_CONFIRMATION"  # the sound [consent-gate-apply] plays
+CALLER_RECORDS_VARIABLE = "CONSENT_CALLER_RECORDS"  # "1": the caller said they record the call
+PURPOSE_VARIABLE = "CONSENT_PURPOSE"  # the primary purpose (mid-call events are logged under it)
+PURPOSES_VARIABLE = "CONSENT_PURPOSES"  # every purpose the recording is kept for, comma-separated
+STATUS_VARIABLE = "CONSENT_STATUS"  # granted, declined, no-input, notified or unavailable
 # Field N of the dialplan's CUT() is RESULT_FIELDS[N-1].
 RESULT_FIELDS = (
-    "CONSENT_ID",
-    "CONSENT_RECORDING_ID",
-    "CONSENT_RECORD_LEGS",
-    "CONSENT_CONFIRMATION",
-    "CONSENT_CALLER_RECORDS",
-    "CONSENT_PURPOSE",
-    "CONSENT_PURPOSES",
-    "CONSENT_STATUS",
+    ID_VARIABLE,
+    RECORDING_ID_VARIABLE,
+    RECORD_LEGS_VARIABLE,
+    CONFIRMATION_VARIABLE,
+    CALLER_RECORDS_VARIABLE,
+    PURPOSE_VARIABLE,
+    PURPOSES_VARIABLE,
+    STATUS_VARIABLE,
 )
 # Statuses [consent-gate-apply] accepts; anything else stays "unavailable".
 CHANNEL_STATUSES = frozenset({"granted", "declined", "no-input", "notified", "unavailable"})
@@ -37,8 +46,17 @@ WITHDRAWN_VARIABLE = "CONSENT_WITHDRAWN"
 # MixMonitor's i() option stores its id here: StopMixMonitor / MixMonitorMute act on exactly
 # this call's recorder, never on another MixMonitor on the same channel.
 MIXMONITOR_ID_VARIABLE = "CONSENT_MIXMONITOR_ID"
-CALLER_RECORDS_VARIABLE = "CONSENT_CALLER_RECORDS"
 PAUSED_AT_VARIABLE = "CONSENT_PAUSED_AT"
+# Read by [consent-gate-agent-notice] (Dial U() pre-bridge routine, AGI mode) on the agent's
+# channel: the dialplan sets it as __CONSENT_AGENT_NOTICE, so it is inherited.
+AGENT_NOTICE_VARIABLE = "CONSENT_AGENT_NOTICE"
+
+# [consent-gate-reset] empties every one of these before the gate asks (whatever a caller or an
+# earlier hop set is replaced), and sets the status to "unavailable".
+RESET_VARIABLES = (
+    RESULT_VARIABLE, *RESULT_FIELDS, AGENT_NOTICE_VARIABLE, WITHDRAWN_VARIABLE, PAUSED_AT_VARIABLE,
+    MIXMONITOR_ID_VARIABLE,
+)
 
 # -- where a call the service will not finish goes ----------------------------------------------
 # [consent-gate-released] clears the result, so nothing handed back before can start a

@@ -54,6 +54,7 @@ from consent_gate.admin.retention import (
     write_erasure,
 )
 from consent_gate.config import DEFAULT_PURPOSES, Purpose
+from consent_gate.contract import recording_file_names
 from consent_gate.core.events import utcnow
 from consent_gate.recordings import delete_recording_files, fsync_dir, recording_files
 
@@ -78,7 +79,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 METHOD = "mcadams-lpc-v1"
-_HEX32 = frozenset("0123456789abcdef")
 
 
 class NotEligible(Exception):
@@ -114,10 +114,8 @@ class RecordingFiles:
 
     @classmethod
     def of(cls, recordings_dir: Path, recording_id: str) -> RecordingFiles:
-        if len(recording_id) != 32 or not set(recording_id) <= _HEX32:
-            raise ValueError(f"not a recording id: {recording_id!r}")
-        return cls(recordings_dir / f"{recording_id}.wav", recordings_dir / f"{recording_id}-caller.wav",
-                   recordings_dir / f"{recording_id}-agent.wav")
+        mixed, caller, agent = recording_file_names(recording_id)  # raises ValueError on a bad id
+        return cls(recordings_dir / mixed, recordings_dir / caller, recordings_dir / agent)
 
     def all(self) -> tuple[Path, Path, Path]:
         return (self.mixed, self.caller, self.agent)

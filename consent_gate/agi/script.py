@@ -30,12 +30,20 @@ import structlog
 
 from consent_gate.config import ConfigError, Purpose, Settings, load_settings
 from consent_gate.contract import (
+    AGENT_NOTICE_VARIABLE,
     CALLER_RECORDS_VARIABLE,
     CHANNEL_STATUSES,
     CONTROL_CHARACTERS,
+    ID_VARIABLE,
+    MIXMONITOR_ID_VARIABLE,
     PAUSED_AT_VARIABLE,
+    PURPOSE_VARIABLE,
+    PURPOSES_VARIABLE,
+    RECORD_LEGS_VARIABLE,
     RECORDING_FILE_SUFFIXES,
+    RECORDING_ID_VARIABLE,
     RECORDING_STATUSES,
+    STATUS_VARIABLE,
     WITHDRAWN_VARIABLE,
     valid_consent_id,
     valid_purpose_name,
@@ -72,8 +80,6 @@ from consent_gate.prompts.catalog import PromptCatalog, PromptError
 from consent_gate.recordings import check_private_dir
 
 log = structlog.get_logger(__name__)
-# Read by the dialplan's [consent-gate-agent-notice] (Dial U() pre-bridge routine, AGI mode).
-AGENT_NOTICE_VARIABLE = "CONSENT_AGENT_NOTICE"
 # discard_keys: WAIT FOR DIGIT 0 reads nothing (Asterisk's wait loop runs only while time is
 # left), so each round waits a few ms for a key that is already queued; bounded.
 DISCARD_WAIT_MS = 10
@@ -365,41 +371,41 @@ async def read_channel_consent(port: AgiPort, settings: Settings) -> ChannelCons
     def refused(name: str, why: str = "malformed") -> None:
         log.warning("consent.channel_variable_refused", variable=name, reason=why)
 
-    raw_purpose = await var("CONSENT_PURPOSE")
+    raw_purpose = await var(PURPOSE_VARIABLE)
     purpose = settings.purpose(raw_purpose) if valid_purpose_name(raw_purpose) else None
     if purpose is None and raw_purpose:
-        refused("CONSENT_PURPOSE")
-    raw_id = await var("CONSENT_ID")
+        refused(PURPOSE_VARIABLE)
+    raw_id = await var(ID_VARIABLE)
     consent_id = valid_consent_id(raw_id)
     if consent_id is None and raw_id:
-        refused("CONSENT_ID")
-    raw_status = await var("CONSENT_STATUS")
+        refused(ID_VARIABLE)
+    raw_status = await var(STATUS_VARIABLE)
     status = valid_status(raw_status)
     if status is None:
-        refused("CONSENT_STATUS")
+        refused(STATUS_VARIABLE)
     recording_id, recording_id_invalid = None, False
     if status is None or status in RECORDING_STATUSES:
-        recording_id = valid_recording_id(await var("CONSENT_RECORDING_ID"))
+        recording_id = valid_recording_id(await var(RECORDING_ID_VARIABLE))
         if recording_id is None:
-            refused("CONSENT_RECORDING_ID")
+            refused(RECORDING_ID_VARIABLE)
             recording_id_invalid = True
             recording_id = recording_id_from_mixmonitor(await var("MIXMONITOR_FILENAME"), settings.recordings_dir)
-    withdrawn_flag = await var("CONSENT_WITHDRAWN")
+    withdrawn_flag = await var(WITHDRAWN_VARIABLE)
     if withdrawn_flag not in ("", "1"):
-        refused("CONSENT_WITHDRAWN", "neither empty nor 1: taken as withdrawn")
-    raw_paused_at = await var("CONSENT_PAUSED_AT")
+        refused(WITHDRAWN_VARIABLE, "neither empty nor 1: taken as withdrawn")
+    raw_paused_at = await var(PAUSED_AT_VARIABLE)
     paused_at = valid_time(raw_paused_at) if raw_paused_at else None
     if raw_paused_at and paused_at is None:
-        refused("CONSENT_PAUSED_AT", "not an ISO time with a time zone: taken as not paused")
-    raw_mixmonitor = await var("CONSENT_MIXMONITOR_ID")
+        refused(PAUSED_AT_VARIABLE, "not an ISO time with a time zone: taken as not paused")
+    raw_mixmonitor = await var(MIXMONITOR_ID_VARIABLE)
     mixmonitor_id = valid_consent_id(raw_mixmonitor)  # MixMonitor's i() ids are UUIDs too
     if mixmonitor_id is None and raw_mixmonitor:
-        refused("CONSENT_MIXMONITOR_ID")
+        refused(MIXMONITOR_ID_VARIABLE)
     return ChannelConsent(
         purpose=purpose, consent_id=consent_id, status=status, recording_id=recording_id,
         recording_id_invalid=recording_id_invalid,
-        record_legs=await var("CONSENT_RECORD_LEGS") == "1",
-        caller_records=await var("CONSENT_CALLER_RECORDS") == "1",
+        record_legs=await var(RECORD_LEGS_VARIABLE) == "1",
+        caller_records=await var(CALLER_RECORDS_VARIABLE) == "1",
         withdrawn=withdrawn_flag != "", paused_at=paused_at, mixmonitor_id=mixmonitor_id,
     )
 
@@ -457,7 +463,7 @@ async def run_midcall(settings: Settings, agi: Any, action: Action, role: Role) 
     call = call_info(agi.env)
     structlog.contextvars.bind_contextvars(call_id=call.call_id)
     catalog = PromptCatalog.load(settings.prompts_dir)
-    purposes = [name for name in str(await port._call(agi.get_variable, "CONSENT_PURPOSES") or "").split(",")
+    purposes = [name for name in str(await port._call(agi.get_variable, PURPOSES_VARIABLE) or "").split(",")
                 if valid_purpose_name(name)]
     state = MidCallState(
         call=call, purpose=channel.purpose, consent_id=channel.consent_id,
@@ -541,7 +547,7 @@ async def _resume_recording(settings: Settings, steps: _Steps, channel: ChannelC
     withdrawn: list[str] = []
 
     async def read_withdrawn() -> None:
-        withdrawn.append(str(await steps.port._call(steps.port.agi.get_variable, "CONSENT_WITHDRAWN") or ""))
+        withdrawn.append(str(await steps.port._call(steps.port.agi.get_variable, WITHDRAWN_VARIABLE) or ""))
 
     if not await steps.run("check withdrawn", read_withdrawn) or withdrawn[0] != "":
         log.warning("consent.resume_refused", reason="withdrawn or unreadable")
@@ -553,7 +559,7 @@ async def _resume_recording(settings: Settings, steps: _Steps, channel: ChannelC
     # b: only while bridged (a resume comes from features.conf, in a bridge; after a transfer
     # the wait for the next agent is not recorded).
     options = f"r({caller_leg})t({agent_leg})ab" if channel.record_legs else "ab"
-    return await steps.app("MixMonitor", f"{mix},{options}i(CONSENT_MIXMONITOR_ID)")
+    return await steps.app("MixMonitor", f"{mix},{options}i({MIXMONITOR_ID_VARIABLE})")
 
 
 def main(argv: list[str] | None = None) -> int:

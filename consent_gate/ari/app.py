@@ -17,6 +17,14 @@ from consent_gate.ari.metrics import ServiceMetrics
 from consent_gate.ari.router import Router, event_channel, sub_object
 from consent_gate.ari.transport import AriClient, AriError
 from consent_gate.ari.watch import SNOOP_ARG
+from consent_gate.contract import (
+    CALLER_RECORDS_VARIABLE,
+    ID_VARIABLE,
+    PURPOSE_VARIABLE,
+    PURPOSES_VARIABLE,
+    RECORDING_ID_VARIABLE,
+    STATUS_VARIABLE,
+)
 from consent_gate.core.dialog import CallInfo, DialogResult, GateContext, parse_purposes
 from consent_gate.core.events import Decision
 
@@ -180,7 +188,7 @@ class ConsentGateApp:
         except AriError as error:
             log.warning("ari.adopt_failed", channel=channel_id, error=str(error))
             return
-        purpose = self.gate.settings.purpose(fields["CONSENT_PURPOSE"]) if fields else None
+        purpose = self.gate.settings.purpose(fields[PURPOSE_VARIABLE]) if fields else None
         if fields is None or purpose is None:
             # Not ours to watch (or unreadable): drop the earlier process's subscription.
             with contextlib.suppress(AriError):
@@ -190,13 +198,13 @@ class ConsentGateApp:
         caller = sub_object(channel.get("caller"))
         info = CallInfo(call_id=channel_id, caller_number=str(caller.get("number") or ""),
                         language=str(channel.get("language") or ""))
-        status = Decision(fields["CONSENT_STATUS"])
+        status = Decision(fields[STATUS_VARIABLE])
         result = DialogResult(
-            status=status, consent_id=fields["CONSENT_ID"],
-            recording_id=(fields["CONSENT_RECORDING_ID"] or None) if status in (
+            status=status, consent_id=fields[ID_VARIABLE],
+            recording_id=(fields[RECORDING_ID_VARIABLE] or None) if status in (
                 Decision.GRANTED, Decision.NOTIFIED) else None,
-            confirmation=None, caller_records=fields["CONSENT_CALLER_RECORDS"] == "1" or caller_records,
-            purpose=purpose.name, purposes=[name for name in fields["CONSENT_PURPOSES"].split(",") if name])
+            confirmation=None, caller_records=fields[CALLER_RECORDS_VARIABLE] == "1" or caller_records,
+            purpose=purpose.name, purposes=[name for name in fields[PURPOSES_VARIABLE].split(",") if name])
         call = Call(client=self.client, gate=self.gate, router=self.router, channel_id=channel_id, info=info,
                     purposes=[purpose], channel_name=str(channel.get("name") or ""), ami=self.ami,
                     metrics=self.metrics)
@@ -206,7 +214,7 @@ class ConsentGateApp:
             self.router.remove_all(call)
             log.warning("ari.adopt_failed", channel=channel_id, error=str(error))
             return
-        log.info("ari.call_adopted", channel=channel_id, consent_id=fields["CONSENT_ID"], status=str(status),
+        log.info("ari.call_adopted", channel=channel_id, consent_id=fields[ID_VARIABLE], status=str(status),
                  withdrawn=withdrawn, paused=paused_at is not None)
         self._start(call)
 

@@ -20,7 +20,19 @@ from typing import Protocol
 import structlog
 
 from consent_gate.config import Purpose, Settings
-from consent_gate.contract import RESULT_FIELDS, RESULT_SEPARATOR, RESULT_VARIABLE  # noqa: F401 (re-exported)
+from consent_gate.contract import (  # noqa: F401 (re-exported)
+    CALLER_RECORDS_VARIABLE,
+    CONFIRMATION_VARIABLE,
+    ID_VARIABLE,
+    PURPOSE_VARIABLE,
+    PURPOSES_VARIABLE,
+    RECORD_LEGS_VARIABLE,
+    RECORDING_ID_VARIABLE,
+    RESULT_FIELDS,
+    RESULT_SEPARATOR,
+    RESULT_VARIABLE,
+    STATUS_VARIABLE,
+)
 from consent_gate.core.events import (
     ConsentEvent,
     Decision,
@@ -137,15 +149,15 @@ class DialogResult:
         """What the dialplan reads after the dialog, status last. The adapters hand these back
         packed into one variable (:meth:`packed`); the dialplan unpacks them in this order."""
         return {
-            "CONSENT_ID": self.consent_id,
-            "CONSENT_RECORDING_ID": self.recording_id or "",
+            ID_VARIABLE: self.consent_id,
+            RECORDING_ID_VARIABLE: self.recording_id or "",
             # Caller and agent legs as separate files too, for purposes that make training copies.
-            "CONSENT_RECORD_LEGS": "1" if self.record_legs and self.recording_id else "",
-            "CONSENT_CONFIRMATION": self.confirmation.media if self.confirmation else "",
-            "CONSENT_CALLER_RECORDS": "1" if self.caller_records else "",
-            "CONSENT_PURPOSE": self.purpose,
-            "CONSENT_PURPOSES": ",".join(self.purposes or ([self.purpose] if self.recording_id else [])),
-            "CONSENT_STATUS": str(self.status),
+            RECORD_LEGS_VARIABLE: "1" if self.record_legs and self.recording_id else "",
+            CONFIRMATION_VARIABLE: self.confirmation.media if self.confirmation else "",
+            CALLER_RECORDS_VARIABLE: "1" if self.caller_records else "",
+            PURPOSE_VARIABLE: self.purpose,
+            PURPOSES_VARIABLE: ",".join(self.purposes or ([self.purpose] if self.recording_id else [])),
+            STATUS_VARIABLE: str(self.status),
         }
 
     def packed(self) -> str:
