@@ -5,23 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from consent_gate.config import add_settings_arguments, dsn_for_command
 from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import SQL_DIR, Ledger, MigrationError, migrate
 from consent_gate.prompts import build as prompts
-
-
-def _dsn(args: argparse.Namespace) -> str:
-    dsn = args.dsn or os.environ.get("CONSENT_GATE_DSN")
-    if not dsn:
-        raise SystemExit("consent-gate: no database: pass --dsn or set CONSENT_GATE_DSN")
-    return dsn
 
 
 async def _history(dsn: str, call_id: str | None, consent_id: str | None) -> list[dict[str, Any]]:
@@ -78,7 +71,7 @@ def _journal(args: argparse.Namespace) -> int:
         print(f"requeued {journal.requeue_quarantine()} quarantined line(s) into {journal.path}")
     else:
         async def replay() -> int:
-            ledger = Ledger(_dsn(args), journal)
+            ledger = Ledger(dsn_for_command(args), journal)
             try:
                 return await ledger.replay_journal()
             finally:
@@ -103,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     db = sub.add_parser("db", help="ledger database")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     mig = db_sub.add_parser("migrate", help=f"apply the SQL migrations in {SQL_DIR}")
-    mig.add_argument("--dsn", help="PostgreSQL DSN (default $CONSENT_GATE_DSN)")
+    add_settings_arguments(mig)
 
     hist = sub.add_parser("history", help="consent history of a call or a decision")
-    hist.add_argument("--dsn", help="PostgreSQL DSN (default $CONSENT_GATE_DSN)")
+    add_settings_arguments(hist)
     who = hist.add_mutually_exclusive_group()
     who.add_argument("--call", help="call id (the Asterisk channel id)")
     who.add_argument("--consent-id", help="decision id (CONSENT_ID)")
@@ -119,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                             ("requeue", "move quarantined lines back into the journal, once fixed")):
         cmd = journal_sub.add_parser(name, help=help_text)
         cmd.add_argument("--dir", required=True, type=Path, help="journal directory (ledger.journal_dir)")
-        cmd.add_argument("--dsn", help="PostgreSQL DSN (default $CONSENT_GATE_DSN)")
+        add_settings_arguments(cmd)
 
     prompts.register_cli(sub)
     # Retention, legal hold, data-subject requests, the subject API and training copies each
@@ -132,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     match args.command:
         case "db":
             try:
-                applied = asyncio.run(migrate(_dsn(args)))
+                applied = asyncio.run(migrate(dsn_for_command(args)))
             except (MigrationError, FileNotFoundError) as error:
                 print(f"consent-gate db migrate: {error}", file=sys.stderr)
                 return 2
@@ -141,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         case "journal":
             return _journal(args)
         case "history":
-            rows = asyncio.run(_history(_dsn(args), args.call, args.consent_id))
+            rows = asyncio.run(_history(dsn_for_command(args), args.call, args.consent_id))
             _print_rows(rows, args.json)
             return 0
         case _:

@@ -339,3 +339,51 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name: it may resolve anywhere
+
+
+# -- the one way every command line loads its settings -----------------------------------------
+
+def add_settings_arguments(parser: Any) -> None:
+    """``--config`` and ``--dsn`` for a subcommand (argparse), the same for every one of them."""
+    parser.add_argument("--config", type=Path, help="settings file (default $CONSENT_GATE_CONFIG)")
+    parser.add_argument("--dsn", help="PostgreSQL DSN (default $CONSENT_GATE_DSN, then ledger.dsn of --config)")
+
+
+def settings_for_command(args: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """The full settings of an admin command: --config (or $CONSENT_GATE_CONFIG) and the
+    CONSENT_GATE_* environment, no ARI; ``--dsn`` wins over both.  A bad file or value exits
+    with the error, naming it.  The log goes to stderr, readable on a terminal."""
+    import sys
+
+    from consent_gate.log import configure_logging
+
+    configure_logging("console" if sys.stderr.isatty() else "json")
+    try:
+        settings = load_settings(getattr(args, "config", None), env, require_ari=False)
+    except ConfigError as error:
+        raise SystemExit(f"consent-gate: {error}") from None
+    if getattr(args, "dsn", None):
+        from dataclasses import replace
+
+        settings = replace(settings, database_dsn=args.dsn)
+    return settings
+
+
+def dsn_for_command(args: Any, env: Mapping[str, str] | None = None) -> str:
+    """Only the database, for commands that need nothing else (db migrate, history, journal):
+    ``--dsn``, then $CONSENT_GATE_DSN, then ``[ledger] dsn`` of --config / $CONSENT_GATE_CONFIG.
+    Needs no pseudonym key, so a migration can run before the rest is configured."""
+    env = os.environ if env is None else env
+    if getattr(args, "dsn", None):
+        return str(args.dsn)
+    if env.get("CONSENT_GATE_DSN"):
+        return env["CONSENT_GATE_DSN"]
+    path = getattr(args, "config", None) or (Path(env["CONSENT_GATE_CONFIG"]) if env.get("CONSENT_GATE_CONFIG") else None)
+    if path is not None:
+        try:
+            dsn = tomllib.loads(Path(path).read_text()).get("ledger", {}).get("dsn")
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise SystemExit(f"consent-gate: {path}: {error}") from None
+        if isinstance(dsn, str) and dsn:
+            return dsn
+    raise SystemExit("consent-gate: no database: pass --dsn, set CONSENT_GATE_DSN, or name ledger.dsn in --config")

@@ -35,7 +35,7 @@ import structlog
 from aiohttp import web
 
 from consent_gate.admin.subject import SubjectNotFound, SubjectQuery, erase, export, training_dir
-from consent_gate.config import Purpose
+from consent_gate.config import Purpose, add_settings_arguments, settings_for_command
 from consent_gate.core.events import utcnow
 
 log = structlog.get_logger(__name__)
@@ -248,10 +248,9 @@ async def serve(settings: Any, listen: str, token: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from consent_gate.admin.retention import load_cli_settings
     from consent_gate.config import ConfigError
 
-    settings = load_cli_settings(args)
+    settings = settings_for_command(args)
     try:
         token = api_token(settings)
     except ConfigError as error:
@@ -263,11 +262,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> None:
     """Add ``api serve``; the command is ``args.func``."""
-    from consent_gate.admin.retention import add_common_arguments
 
     api = subparsers.add_parser("api", help="HTTP API for data-subject requests (token auth)")
     sub = api.add_subparsers(dest="api_command", required=True)
     run = sub.add_parser("serve", help="serve POST /v1/subject/export and /v1/subject/erase")
-    add_common_arguments(run)
+    add_settings_arguments(run)
     run.add_argument("--listen", help="host:port (default api.listen, 127.0.0.1:8089)")
     run.set_defaults(func=_cmd_serve)

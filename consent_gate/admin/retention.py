@@ -45,7 +45,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from consent_gate.config import Purpose
+from consent_gate.config import Purpose, add_settings_arguments, settings_for_command
 from consent_gate.contract import check_recording_id, recording_id_of_file
 from consent_gate.core.events import caller_reference, utcnow
 from consent_gate.recordings import (
@@ -531,22 +531,6 @@ def _actor(args: argparse.Namespace) -> str:
         return f"cli:uid{os.getuid()}"
 
 
-def load_cli_settings(args: argparse.Namespace) -> Any:
-    """Settings for an admin command: the TOML file (--config or $CONSENT_GATE_CONFIG), no ARI."""
-    from consent_gate.config import ConfigError, load_settings
-    from consent_gate.log import configure_logging
-
-    configure_logging("console" if sys.stderr.isatty() else "json")
-    try:
-        settings = load_settings(args.config, require_ari=False)
-    except ConfigError as error:
-        raise SystemExit(f"consent-gate: {error}") from None
-    if getattr(args, "dsn", None):
-        from dataclasses import replace
-        settings = replace(settings, database_dsn=args.dsn)
-    return settings
-
-
 def read_caller_number(value: str) -> str:
     """``-`` reads the number from stdin, so it stays out of the shell history and ``ps``."""
     if value == "-":
@@ -557,13 +541,10 @@ def read_caller_number(value: str) -> str:
     return number
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="settings file (default $CONSENT_GATE_CONFIG)")
-    parser.add_argument("--dsn", help="PostgreSQL DSN (default: ledger.dsn / $CONSENT_GATE_DSN)")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    settings = load_cli_settings(args)
+    settings = settings_for_command(args)
     sweeper = RetentionSweeper(settings.database_dsn, settings.recordings_dir, settings.purposes,
                                actor=_actor(args) if args.actor else "retention-sweeper")
     report = asyncio.run(sweeper.run(dry_run=args.dry_run))
@@ -592,7 +573,7 @@ async def _with_connection(dsn: str, work: Callable[[asyncpg.Connection], Any]) 
 
 
 def _cmd_hold(args: argparse.Namespace) -> int:
-    settings = load_cli_settings(args)
+    settings = settings_for_command(args)
     now = utcnow()
     match args.hold_command:
         case "place":
@@ -633,7 +614,7 @@ def register_cli(subparsers: Any) -> None:
     retention_sub = retention.add_subparsers(dest="retention_command", required=True)
     sweep = retention_sub.add_parser(
         "sweep", help="delete expired recordings, redact expired ledger rows (idempotent; safe to run twice)")
-    add_common_arguments(sweep)
+    add_settings_arguments(sweep)
     sweep.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
     sweep.add_argument("--json", action="store_true", help="report as JSON")
     sweep.add_argument("--actor", help="who runs it, for the tombstones (default retention-sweeper)")
@@ -642,19 +623,19 @@ def register_cli(subparsers: Any) -> None:
     hold = subparsers.add_parser("hold", help="legal holds: nothing held is deleted until released")
     hold_sub = hold.add_subparsers(dest="hold_command", required=True)
     place = hold_sub.add_parser("place", help="place a hold on a call or a caller")
-    add_common_arguments(place)
+    add_settings_arguments(place)
     on = place.add_mutually_exclusive_group(required=True)
     on.add_argument("--call", help="call id (the Asterisk channel id)")
     on.add_argument("--caller-number", help="caller number ('-' reads it from stdin); stored as the keyed hash")
     place.add_argument("--reason", required=True, help="why (case number, authority request)")
     place.add_argument("--actor", help="who places it (default cli:<user>)")
     release = hold_sub.add_parser("release", help="release a hold")
-    add_common_arguments(release)
+    add_settings_arguments(release)
     release.add_argument("hold_id")
     release.add_argument("--reason", required=True)
     release.add_argument("--actor", help="who releases it (default cli:<user>)")
     listing = hold_sub.add_parser("list", help="list active holds")
-    add_common_arguments(listing)
+    add_settings_arguments(listing)
     listing.add_argument("--all", action="store_true", help="include released holds")
     listing.add_argument("--json", action="store_true")
     for parser in (place, release, listing):

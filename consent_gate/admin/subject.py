@@ -48,9 +48,7 @@ from consent_gate.admin.retention import (
     RECORDING_DELETED,
     Group,
     _actor,
-    add_common_arguments,
     fetch_groups,
-    load_cli_settings,
     lock_group,
     lock_recording,
     read_caller_number,
@@ -58,7 +56,7 @@ from consent_gate.admin.retention import (
     share_hold_lock,
     write_erasure,
 )
-from consent_gate.config import Purpose
+from consent_gate.config import Purpose, add_settings_arguments, settings_for_command
 from consent_gate.contract import check_recording_id
 from consent_gate.core.events import caller_reference, utcnow
 from consent_gate.recordings import recording_files, remove_files
@@ -494,7 +492,7 @@ def _create_private(path: Path) -> IO[bytes]:
 
 
 def _cmd_subject(args: argparse.Namespace) -> int:
-    settings = load_cli_settings(args)
+    settings = settings_for_command(args)
     query = _query(args)
     actor = _actor(args)
 
@@ -543,7 +541,7 @@ def register_cli(subparsers: Any) -> None:
     for name, help_text in (("export", "write a zip with the person's recordings and consent records"),
                             ("erase", "erase the person's recordings and personal data (tombstone kept)")):
         cmd = sub.add_parser(name, help=help_text)
-        add_common_arguments(cmd)
+        add_settings_arguments(cmd)
         who = cmd.add_mutually_exclusive_group(required=True)
         who.add_argument("--caller-number", help="caller number ('-' reads it from stdin); matched via the keyed hash")
         who.add_argument("--consent-id", help="consent reference (CONSENT_ID) the caller was given")

@@ -53,7 +53,7 @@ from consent_gate.admin.retention import (
     share_hold_lock,
     write_erasure,
 )
-from consent_gate.config import DEFAULT_PURPOSES, Purpose
+from consent_gate.config import DEFAULT_PURPOSES, Purpose, add_settings_arguments, dsn_for_command, settings_for_command
 from consent_gate.contract import recording_file_names
 from consent_gate.core.events import utcnow
 from consent_gate.recordings import delete_recording_files, fsync_dir, recording_files
@@ -398,12 +398,9 @@ async def sweep_expired(connection: asyncpg.Connection, copies_dir: Path, today:
 # -- command line -------------------------------------------------------------------------------
 
 def _purposes(args: argparse.Namespace) -> Mapping[str, Purpose]:
-    config = args.config or os.environ.get("CONSENT_GATE_CONFIG")
-    if not config:
+    if not (args.config or os.environ.get("CONSENT_GATE_CONFIG")):
         return DEFAULT_PURPOSES
-    from consent_gate.config import load_settings
-
-    return load_settings(Path(config), require_ari=False).purposes
+    return settings_for_command(args).purposes
 
 
 def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -430,13 +427,6 @@ def _settings(args: argparse.Namespace) -> TrainingSettings:
     return TrainingSettings(anonymiser=anonymiser, anonymise_agent=getattr(args, "anonymise_agent", False))
 
 
-def _dsn(args: argparse.Namespace) -> str:
-    dsn = args.dsn or os.environ.get("CONSENT_GATE_DSN")
-    if not dsn:
-        raise SystemExit("consent-gate training: no database: pass --dsn or set CONSENT_GATE_DSN")
-    return dsn
-
-
 def _report(outcomes: Iterable[CopyOutcome]) -> None:
     for outcome in outcomes:
         state = "made" if outcome.created else "exists"
@@ -446,7 +436,7 @@ def _report(outcomes: Iterable[CopyOutcome]) -> None:
 
 
 async def _run_training(args: argparse.Namespace) -> int:
-    connection = await asyncpg.connect(_dsn(args), timeout=10)
+    connection = await asyncpg.connect(dsn_for_command(args), timeout=10)
     try:
         if args.training_command == "sweep":
             _, copies = _dirs(args)
@@ -527,11 +517,10 @@ def register_cli(subparsers: Any) -> None:
     worker.add_argument("--interval", type=float, default=15.0, help="seconds between passes (default 15)")
     sweep = sub.add_parser("sweep", help="delete training copies whose retention has ended")
     for cmd in (make, worker, sweep):
-        cmd.add_argument("--dsn", help="PostgreSQL DSN (default $CONSENT_GATE_DSN)")
+        # --config: the purpose catalogue too (without one, the built-in purposes).
+        add_settings_arguments(cmd)
         cmd.add_argument("--recordings-dir", help="recordings (default $CONSENT_GATE_RECORDINGS_DIR)")
         cmd.add_argument("--copies-dir", help="training copies (default $CONSENT_GATE_TRAINING_DIR)")
-        cmd.add_argument("--config", help="consent-gate.toml for the purpose catalogue (default "
-                                          "$CONSENT_GATE_CONFIG, else the built-in purposes)")
     for cmd in (make, worker):
         _add_voice_options(cmd)
         cmd.add_argument("--anonymise-agent", action="store_true", help="anonymise the agent's leg too")
@@ -539,7 +528,7 @@ def register_cli(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m consent_gate.admin.training ...`` until the lead wires register_cli into the CLI."""
+    """``python -m consent_gate.admin.training ...`` (the same commands as ``consent-gate training``)."""
     parser = argparse.ArgumentParser(prog="python -m consent_gate.admin.training")
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
