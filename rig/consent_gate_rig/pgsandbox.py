@@ -57,6 +57,20 @@ class PgSandbox:
         """As the superuser (tests that create databases or roles)."""
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
+    async def new_database(self, prefix: str = "cg") -> str:
+        """A new, empty database owned by the application role; returns its DSN."""
+        import uuid
+
+        import asyncpg
+
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        admin = await asyncpg.connect(self.admin_dsn(), timeout=10)
+        try:
+            await admin.execute(f"CREATE DATABASE {name} OWNER {self.user}")
+        finally:
+            await admin.close()
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
+
     def _as_owner(self, cmd: list[str]) -> list[str]:
         if os.geteuid() == 0:
             return ["runuser", "-u", "postgres", "--", *cmd]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 import venv
 import zipfile
 from pathlib import Path
@@ -83,20 +82,10 @@ def test_nothing_of_the_checkout_is_on_the_installed_path(installed: Path, tmp_p
     assert rig == "None"
 
 
-async def new_database(pg_sandbox: PgSandbox) -> str:
-    name = f"cg_wheel_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(pg_sandbox.admin_dsn(), timeout=10)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} OWNER {pg_sandbox.user}")
-    finally:
-        await admin.close()
-    return f"postgresql://{pg_sandbox.user}@127.0.0.1:{pg_sandbox.port}/{name}"
-
-
 async def test_the_installed_cli_migrates_a_new_ledger_once_and_refuses_a_downgrade(
     installed: Path, pg_sandbox: PgSandbox, tmp_path: Path,
 ) -> None:
-    dsn = await new_database(pg_sandbox)
+    dsn = await pg_sandbox.new_database("cg_wheel")
     first = run([str(installed / "consent-gate"), "db", "migrate", "--dsn", dsn], cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     shipped = sorted(p.name for p in (ROOT / "consent_gate" / "ledger" / "sql").glob("[0-9]*.sql"))
@@ -125,7 +114,7 @@ async def test_the_installed_service_checks_its_config_and_serves_a_real_call(
     installed: Path, pg_sandbox: PgSandbox, asterisk: AsteriskSandbox, asterisk_log: AsteriskLog,
     phones: Phones, gate_service: GateService, tmp_path: Path, test_tag: str,
 ) -> None:
-    dsn = await new_database(pg_sandbox)
+    dsn = await pg_sandbox.new_database("cg_wheel")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     migrated = run([str(installed / "consent-gate"), "db", "migrate", "--dsn", dsn], cwd=elsewhere)

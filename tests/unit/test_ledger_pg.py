@@ -16,7 +16,7 @@ import pytest
 from consent_gate.core.events import ConsentEvent, EventKind, new_recording_id
 from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import SQL_DIR as _SQL_DIR
-from consent_gate.ledger.store import Durability, Ledger, migrate
+from consent_gate.ledger.store import Durability, Ledger, MigrationError, migrate
 from consent_gate_rig.pgsandbox import PgSandbox
 
 ALL_MIGRATIONS = sorted(p.name for p in _SQL_DIR.glob("[0-9][0-9][0-9]_*.sql"))
@@ -48,14 +48,7 @@ def app_dsn(sandbox: PgSandbox, database: str) -> str:
 
 
 async def fresh_database(sandbox: PgSandbox) -> str:
-    """A new, empty database owned by the application role; returns its DSN."""
-    name = f"cg_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(sandbox.admin_dsn(), timeout=10)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} OWNER {sandbox.user}")
-    finally:
-        await admin.close()
-    return app_dsn(sandbox, name)
+    return await sandbox.new_database()
 
 
 async def rows_for(dsn: str, call_id: str) -> list[asyncpg.Record]:
@@ -303,6 +296,32 @@ async def test_concurrent_migrates_do_not_fail(pg_sandbox: PgSandbox) -> None:
         assert await connection.fetchval("SELECT count(*) FROM schema_migrations") == len(ALL_MIGRATIONS)
     finally:
         await connection.close()
+
+
+async def test_an_upgrade_applies_only_the_new_migrations(pg_sandbox: PgSandbox, tmp_path: Path) -> None:
+    """A ledger made by an older version (its migrations only) gets just what it lacks."""
+    older = tmp_path / "older"
+    older.mkdir()
+    for name in ALL_MIGRATIONS[:2]:
+        (older / name).write_text((_SQL_DIR / name).read_text())
+    dsn = await fresh_database(pg_sandbox)
+    assert await migrate(dsn, older) == ALL_MIGRATIONS[:2]
+    assert await migrate(dsn) == ALL_MIGRATIONS[2:]
+    assert await migrate(dsn) == []
+
+
+async def test_a_ledger_migrated_by_a_newer_version_is_refused(pg_sandbox: PgSandbox, tmp_path: Path) -> None:
+    """A downgrade: the ledger has a migration this version does not ship.  Nothing is applied."""
+    older = tmp_path / "older"
+    older.mkdir()
+    for name in ALL_MIGRATIONS[:2]:
+        (older / name).write_text((_SQL_DIR / name).read_text())
+    dsn = await fresh_database(pg_sandbox)
+    assert await migrate(dsn) == ALL_MIGRATIONS
+    with pytest.raises(MigrationError) as refused:
+        await migrate(dsn, older)
+    assert all(name in str(refused.value) for name in ALL_MIGRATIONS[2:])
+    assert "newer version" in str(refused.value)
 
 
 async def test_migrate_without_files_is_an_error(pg_dsn: str, tmp_path: Path) -> None:
