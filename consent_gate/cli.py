@@ -14,6 +14,7 @@ import asyncpg
 from consent_gate.config import add_settings_arguments, dsn_for_command
 from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import SQL_DIR, Ledger, MigrationError, migrate
+from consent_gate.log import configure_logging
 from consent_gate.prompts import build as prompts
 
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         if module is not None and hasattr(module, "register_cli"):
             module.register_cli(sub)
     args = parser.parse_args(argv)
+    # Logs on stderr (stdout is the command's answer), readable at a terminal.
+    configure_logging("console" if sys.stderr.isatty() else "json")
     match args.command:
         case "db":
             try:

@@ -8,6 +8,12 @@ import sys
 import structlog
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    # sys.stderr as it is when the line is written, not when logging was set up (a test runner
+    # or a daemon may replace it).
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     """JSON lines on stderr (journald-friendly); 'console' for people at a terminal."""
     renderer: structlog.typing.Processor = (
@@ -22,6 +28,6 @@ def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

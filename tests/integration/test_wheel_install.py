@@ -68,6 +68,10 @@ def test_the_wheel_holds_the_product_and_no_rig(installed: Path) -> None:
                    "consent_gate/ari/main.py"):
         assert needed in names, needed
     assert not [n for n in names if "rig" in n.split("/") or "softphone" in n or "sandbox" in n or n.startswith("tests/")]
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "consent_gate_rig" not in entry_points and "consent-gate-ari" in entry_points
+    assert not [p for p in ("consent-gate-sandbox", "consent-gate-softphone", "consent-gate-demo")
+                if (installed / p).exists()]
     sql = [n for n in names if n.startswith("consent_gate/ledger/sql/") and n.endswith(".sql")]
     assert len(sql) == len(list((ROOT / "consent_gate" / "ledger" / "sql").rglob("*.sql")))
 

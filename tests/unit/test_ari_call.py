@@ -269,6 +269,9 @@ async def test_star0_keyed_while_the_grant_is_stored_blocks_the_recorder(rig: Ri
     await rig.keys("*0")  # from a fast SIP phone: before the dialplan could run MixMonitor
     rig.ledger.release()
     await eventually(lambda: withdrawn_events(rig) != [], "the withdrawn event")
+    # The withdrawal is logged by the watch, the hand-back goes on in the call's task: either
+    # may come first, so wait for the continue too (its order against the variables is the point).
+    await eventually(lambda: any(r["raw_path"].endswith("/continue") for r in rig.ari.requests), "the continue")
     order = [(r["raw_path"].rsplit("/", 1)[-1], r["query"].get("variable")) for r in rig.ari.requests
              if r["method"] == "POST" and r["raw_path"].endswith(("/variable", "/continue"))]
     # Marked withdrawn while still in Stasis, before the result goes back and the dialplan runs.
