@@ -9,6 +9,7 @@ provider: no engine, a failed import or a failed build is a :class:`SandboxError
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -86,8 +87,6 @@ def import_base(root: Path, tag: str = IMPORTED_BASE_IMAGE) -> str:
     """``tar -C ROOT -c . | docker import - TAG``: the cached root, read under its lock (shared:
     other sandboxes may run from it meanwhile; nobody rebuilds it while we read), without what
     is mounted inside it (/proc, /dev of running chroot sandboxes) or their instance dirs."""
-    import fcntl
-
     require_engine("docker import of the sid root")
     marker = root / ".consent-gate-root.json"
     if not marker.is_file():
