@@ -3,8 +3,11 @@
 * ``chroot``: a cached Debian sid root (``debootstrap --variant=minbase``) with Debian's
   ``asterisk`` package, started as ``chroot ROOT asterisk -C <instance>/etc/asterisk.conf -f``.
   Used on Debian hosts without a Docker engine (this project's CI).
-* ``docker``: ``docker-compose.asterisk.yml`` builds the same package into an image and mounts
-  the same instance directory at the same path, so the configuration is identical.
+* ``docker``: ``docker-compose.asterisk.yml`` runs the stack's Asterisk image (the one
+  ``docker-compose.yml`` gives admins: same Dockerfile, base and tag; built on first use, see
+  :mod:`consent_gate_rig.dockerimages`) and mounts the same instance directory at the same path,
+  so the configuration is identical.  No engine, a failed build or a container that exits is an
+  error naming the cause; the docker provider never falls back to the chroot one.
 
 The instance directory holds the rendered configuration (``etc/``), a copy of the project's
 ``dialplan/``, the prompt audio (``sounds/``), the recordings (``recordings/``, mode 0700) and
@@ -36,6 +39,8 @@ from typing import Protocol
 
 import consent_gate
 from consent_gate.prompts.catalog import packaged_sounds_dir
+from consent_gate_rig import dockerimages
+from consent_gate_rig.sandbox_errors import SandboxError
 
 # The checkout this rig lives in (rig/ beside the product): the dialplan, the deploy files and
 # the compose file come from there.  The product's own files (the AGI code, the prompts) come
@@ -58,8 +63,7 @@ ROOT_PACKAGES = (
 ROOT_FORMAT = 4
 
 
-class SandboxError(RuntimeError):
-    """The sandbox could not do what was asked; the message says what and where to look."""
+__all__ = ["AsteriskSandbox", "SandboxError", "SandboxSettings"]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -130,6 +134,8 @@ class SandboxState:
     ari_password: str = ""
     ami_password: str = ""
     sip_password: str = ""
+    # docker provider: the container it started (``docker inspect`` tells whether it still runs).
+    container: str = ""
 
 
 class Provider(Protocol):
@@ -140,6 +146,7 @@ class Provider(Protocol):
     def start(self, settings: SandboxSettings, state: SandboxState, log_path: Path) -> None: ...
     def run_cli(self, settings: SandboxSettings, command: str, timeout: float) -> subprocess.CompletedProcess[str]: ...
     def stop(self, settings: SandboxSettings, state: SandboxState) -> None: ...
+    def exited(self, state: SandboxState) -> str | None: ...
 
 
 @contextlib.contextmanager
@@ -294,6 +301,11 @@ class ChrootProvider:
             [*self._asterisk_cmd(settings), "-rx", command], capture_output=True, text=True, timeout=timeout
         )
 
+    def exited(self, state: SandboxState) -> str | None:
+        if state.pid is not None and not _pid_alive(state.pid):
+            return f"Asterisk (pid {state.pid}) exited"
+        return None
+
     def stop(self, settings: SandboxSettings, state: SandboxState) -> None:
         if state.pid is not None and _pid_alive(state.pid):
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -304,7 +316,7 @@ class ChrootProvider:
 
 
 class DockerProvider:
-    """docker-compose.asterisk.yml: the same package and files, for hosts with a Docker engine."""
+    """The stack's Asterisk image (docker-compose.asterisk.yml) with the sandbox's configuration."""
 
     name = "docker"
 
@@ -314,24 +326,48 @@ class DockerProvider:
     def host_dir(self, settings: SandboxSettings) -> Path:
         return self.state_dir / settings.name
 
+    def project(self, settings: SandboxSettings) -> str:
+        return f"consent-gate-{settings.name}"
+
     def _compose(self, settings: SandboxSettings) -> tuple[list[str], dict[str, str]]:
         env = dict(
             os.environ,
             CONSENT_GATE_INSTANCE_HOST=str(self.host_dir(settings)),
             CONSENT_GATE_INSTANCE=str(settings.inside_dir),
-            CONSENT_GATE_PG_PORT=os.environ.get("CONSENT_GATE_PG_PORT", "25432"),
+            CONSENT_GATE_IMAGE_TAG=dockerimages.image_tag(),
+            CONSENT_GATE_BASE_IMAGE=dockerimages.base_image(),
         )
-        base = shutil.which("docker-compose")
-        cmd = [base] if base else ["docker", "compose"]
-        return [*cmd, "-f", str(COMPOSE_FILE), "-p", f"consent-gate-{settings.name}"], env
+        cmd = dockerimages.compose_command()
+        return [*cmd, "-f", str(COMPOSE_FILE), "-p", self.project(settings)], env
 
     def prepare(self) -> None:
-        if shutil.which("docker") is None:
-            raise SandboxError("the docker provider needs the docker client and a running engine")
+        """An engine, and the image: built once (from CONSENT_GATE_BASE_IMAGE), reused after."""
+        dockerimages.require_engine("the docker provider")
+        if not dockerimages.image_exists(dockerimages.asterisk_image()):
+            _, env = self._compose(SandboxSettings())
+            dockerimages.build_asterisk_image(PROJECT_DIR, COMPOSE_FILE, env)
 
     def start(self, settings: SandboxSettings, state: SandboxState, log_path: Path) -> None:
         cmd, env = self._compose(settings)
-        _run([*cmd, "up", "-d", "--build", "asterisk"], timeout=1800, what="docker compose up", env=env)
+        _run([*cmd, "up", "-d", "--no-build", "--force-recreate", "asterisk"], timeout=300,
+             what=f"docker compose up ({dockerimages.asterisk_image()})", env=env)
+        state.container = _run([*cmd, "ps", "-q", "asterisk"], timeout=60, what="docker compose ps", env=env).strip()
+        if not state.container:
+            raise SandboxError(f"docker compose up started no asterisk container (project {self.project(settings)})")
+
+    def exited(self, state: SandboxState) -> str | None:
+        if not state.container:
+            return None
+        done = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", state.container],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            return f"the container {state.container[:12]} is gone"
+        status, _, code = done.stdout.strip().partition(" ")
+        if status in ("running", "created", "restarting"):
+            return None
+        logs = subprocess.run(["docker", "logs", "--tail", "30", state.container], capture_output=True,
+                              text=True, timeout=30)
+        return f"the container {state.container[:12]} is {status} (exit {code}):\n{(logs.stdout + logs.stderr).strip()}"
 
     def run_cli(self, settings: SandboxSettings, command: str, timeout: float) -> subprocess.CompletedProcess[str]:
         cmd, env = self._compose(settings)
@@ -342,8 +378,14 @@ class DockerProvider:
         )
 
     def stop(self, settings: SandboxSettings, state: SandboxState) -> None:
+        """Remove the container, its network and volumes (the image stays for the next run)."""
         cmd, env = self._compose(settings)
-        subprocess.run([*cmd, "down", "--timeout", "10"], capture_output=True, env=env, timeout=120)
+        done = subprocess.run([*cmd, "down", "--timeout", "10", "--volumes", "--remove-orphans"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        if done.returncode != 0:
+            raise SandboxError(f"docker compose down (project {self.project(settings)}) failed: "
+                               f"{(done.stderr or done.stdout).strip()}")
+        state.container = ""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -381,10 +423,7 @@ def _kill_group(pid: int) -> bool:
 
 
 def docker_engine_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    probe = subprocess.run(["docker", "info"], capture_output=True, timeout=20)
-    return probe.returncode == 0
+    return dockerimages.engine_problem() is None
 
 
 def pick_provider(settings: SandboxSettings) -> Provider:
@@ -463,6 +502,8 @@ class AsteriskSandbox:
         if self.state.pid is not None:
             return _pid_alive(self.state.pid)
         if self.provider.name == "docker":
+            if not self.state.container or self.provider.exited(self.state) is not None:
+                return False
             return self.provider.run_cli(self.settings, "core show uptime", 20).returncode == 0
         return False
 
@@ -581,8 +622,9 @@ class AsteriskSandbox:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            if self.state.pid is not None and not _pid_alive(self.state.pid):
-                raise SandboxError(f"Asterisk exited during start; see {self.host_dir / 'log'}\n{self.console_tail()}")
+            gone = self.provider.exited(self.state)
+            if gone is not None:
+                raise SandboxError(f"{gone} during start; see {self.host_dir / 'log'}\n{self.console_tail()}")
             try:
                 probe = self.provider.run_cli(self.settings, "core waitfullybooted", timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -610,9 +652,11 @@ class AsteriskSandbox:
         self.cli("dialplan reload")
 
     def down(self) -> None:
-        self.provider.stop(self.settings, self.state)
-        self.state.pid = None
-        self._save_state()
+        try:
+            self.provider.stop(self.settings, self.state)
+        finally:
+            self.state.pid = None
+            self._save_state()
 
     def env(self) -> dict[str, str]:
         """What a client (the ARI app, a softphone, the demo) needs to reach this sandbox."""
@@ -643,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="build/reuse the provider, write config, start Asterisk, wait until booted")
+    sub.add_parser("prepare", help="build/reuse the provider only (the chroot root, or the docker image)")
+    base = sub.add_parser("base-image", help="import the cached sid root (built if missing) into Docker as the "
+                          f"base image for hosts without a registry (default {dockerimages.IMPORTED_BASE_IMAGE})")
+    base.add_argument("--tag", default=dockerimages.IMPORTED_BASE_IMAGE)
     sub.add_parser("down", help="stop the Asterisk this sandbox started and remove its mounts")
     sub.add_parser("status", help="print provider, pid and whether Asterisk runs")
     sub.add_parser("wait-booted", help="wait until Asterisk is fully booted")
@@ -658,6 +706,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Asterisk is up ({sandbox.provider.name}): SIP {sandbox.sip_domain}, ARI {sandbox.ari_url}")
             case "down":
                 sandbox.down()
+            case "prepare":
+                sandbox.provider.prepare()
+                print(f"provider {sandbox.provider.name} is ready")
+            case "base-image":
+                root = ChrootProvider(sandbox.settings.root_dir)
+                root.prepare()
+                started = time.monotonic()
+                tag = dockerimages.import_base(root.root, args.tag)
+                print(f"imported {root.root} as {tag} in {time.monotonic() - started:.0f} s")
             case "status":
                 print(json.dumps({"provider": sandbox.provider.name, "pid": sandbox.state.pid,
                                   "running": sandbox.is_running(), "dir": str(sandbox.host_dir)}))
