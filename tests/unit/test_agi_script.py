@@ -476,11 +476,11 @@ async def test_a_danish_caller_name_is_fine(agi_rig: AgiRig, ledger_rows) -> Non
 async def test_discard_keys_drops_queued_keys_then_stops() -> None:
     from asterisk.agi import AGI
 
-    from consent_gate.agi.script import AgiPort
+    from consent_gate.agi.script import AgiPort, Pyst2Commands
 
     replies = io.StringIO("\n" + "200 result=49\n200 result=42\n200 result=0\n" + "200 result=50\n")
     commands = io.StringIO()
-    port = AgiPort(AGI(stdin=replies, stdout=commands, stderr=io.StringIO()))
+    port = AgiPort(Pyst2Commands(AGI(stdin=replies, stdout=commands, stderr=io.StringIO())))
     await port.discard_keys()
     # WAIT FOR DIGIT 0 would read nothing: Asterisk's wait loop runs only while time is left.
     assert commands.getvalue().splitlines() == ["WAIT FOR DIGIT 10"] * 3
@@ -491,11 +491,12 @@ async def test_discard_keys_drops_queued_keys_then_stops() -> None:
 async def test_discard_keys_is_bounded() -> None:
     from asterisk.agi import AGI
 
-    from consent_gate.agi.script import MAX_DISCARDED_KEYS, AgiPort
+    from consent_gate.agi.script import AgiPort, Pyst2Commands
+    from consent_gate.agi.session import MAX_DISCARDED_KEYS
 
     replies = io.StringIO("\n" + "200 result=49\n" * (MAX_DISCARDED_KEYS + 5))
     commands = io.StringIO()
-    await AgiPort(AGI(stdin=replies, stdout=commands, stderr=io.StringIO())).discard_keys()
+    await AgiPort(Pyst2Commands(AGI(stdin=replies, stdout=commands, stderr=io.StringIO()))).discard_keys()
     assert len(commands.getvalue().splitlines()) == MAX_DISCARDED_KEYS
 
 
