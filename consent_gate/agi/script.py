@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from consent_gate.agi.session import (
+    EARLY_INPUT_GRACE_S,
     MAX_ENVIRONMENT_LINE,
     MAX_ENVIRONMENT_LINES,
     AgiInputError,
@@ -92,12 +93,6 @@ class Pyst2Commands:
 
     async def appexec(self, application: str, options: str) -> str:
         return str(await self._run(self.agi.appexec, application, options))
-
-
-# Asterisk writes nothing between the environment and the reply to the first command: input
-# already waiting there means the environment ended early (a blank line in caller data) and
-# what follows are forged replies.
-EARLY_INPUT_GRACE_S = 0.02
 
 
 def read_environment_text(fd: int) -> str:

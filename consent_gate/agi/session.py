@@ -198,6 +198,10 @@ AGI_ENVIRONMENT_KEYS = frozenset((
 # FastAGI (AGI(agi://host:port/script,...)) writes these two first, then the same environment.
 NETWORK_ENVIRONMENT_KEYS = frozenset(("agi_network", "agi_network_script"))
 MAX_ENVIRONMENT_LINES = 64
+# Asterisk writes nothing between the environment and the reply to the first command: input
+# already waiting there means the environment ended early (a blank line in caller data) and
+# what follows are forged replies.  Both transports wait this long for such input.
+EARLY_INPUT_GRACE_S = 0.02
 MAX_ENVIRONMENT_LINE = 4096
 _ENVIRONMENT_LINE = re.compile(r"(agi_[a-z0-9_]{1,40}): ?(.*)", re.DOTALL)
 _ARGUMENT_KEY = re.compile(r"agi_arg_([1-9][0-9]?)")
