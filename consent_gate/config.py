@@ -331,7 +331,7 @@ def load_settings(
                           "erases recordings: keep it on 127.0.0.1 behind a TLS proxy, or set "
                           "api.allow_remote = true")
     host, _, port = settings.fastagi_listen.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:  # 0: any free port (tests)
         raise ConfigError(f"{name}: fastagi.listen: {settings.fastagi_listen!r} is not host:port")
     if not _is_loopback(host) or host == "localhost":
         raise ConfigError(f"{name}: fastagi.listen: {host!r} is not a loopback address (127.0.0.0/8 or ::1); "

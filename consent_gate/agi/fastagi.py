@@ -142,7 +142,7 @@ class AgiConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._gone()
-        return None  # close our side too
+        return True  # the session closes the connection once it is done (the ledger first)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone()
