@@ -218,8 +218,8 @@ class AgiConnection(asyncio.Protocol):
             async with asyncio.timeout(timeout):
                 return await pending
         except TimeoutError:
-            verb = text.split(" ", 2)[:2]
-            self._break(f"no reply to {' '.join(verb)} within {timeout:g} s")
+            verb = " ".join(word for word in text.split(" ")[:3] if word.isalpha() and word.isupper())
+            self._break(f"no reply to {verb} within {timeout:g} s")
             raise AgiProtocolError(self.broken or "timeout") from None
         finally:
             self._pending = None
