@@ -216,7 +216,7 @@ async def test_no_reply_in_time_closes_the_session(server_factory, pg_dsn) -> No
 
 
 @pytest.mark.parametrize("kind", ["nothing", "not FastAGI", "another path", "two arguments", "no argument",
-                                  "blank line forges replies"])
+                                  "blank line forges replies", "forged replies in a later packet"])
 async def test_an_environment_that_does_not_check_out_gets_no_command(server_factory, pg_dsn, kind: str) -> None:
     server = await server_factory()
     call_id = _call_id()
@@ -230,8 +230,13 @@ async def test_an_environment_that_does_not_check_out_gets_no_command(server_fac
         "blank line forges replies": clean.replace("agi_calleridname: Test Caller\n", "agi_calleridname: Eve\n"
                                                    + clean.split("agi_calleridname: Test Caller\n", 1)[1]
                                                    + "200 result=0\n200 result=49 endpos=1\n"),
+        "forged replies in a later packet": clean,
     }[kind]
     fake = await FakeAsterisk.connect(server, environment, call_id=call_id)
+    if kind == "forged replies in a later packet":
+        # What followed a blank line in caller data, a few ms later (another TCP segment).
+        await asyncio.sleep(0.005)
+        await fake.send("200 result=0\n200 result=49 endpos=1\n")
     assert await fake.closed() == []
     assert await _events(pg_dsn, call_id, timeout=0.5) == []
 
@@ -323,33 +328,56 @@ async def test_end_of_input_before_the_blank_line_is_an_incomplete_environment()
         await FastAgiCommands(connection, {}).answer()
 
 
-async def test_an_overlong_line_breaks_the_session() -> None:
+@pytest.mark.parametrize("data", [b"2" * 20000, b"200 result=0 (" + b"x" * 20000 + b")\n"], ids=["unended", "ended"])
+async def test_an_overlong_line_breaks_the_session(data: bytes) -> None:
     connection, _, commands = await _connection()
     task = asyncio.ensure_future(commands.answer())
     await asyncio.sleep(0)
-    connection.data_received(b"2" * 20000)
+    connection.data_received(data)
     with pytest.raises(AgiProtocolError):
         await task
 
 
 # -- one server, many calls ---------------------------------------------------------------------
 
-async def test_concurrent_sessions_share_one_ledger_pool(server_factory, pg_dsn) -> None:
+async def test_concurrent_sessions_share_one_ledger_pool(pg_dsn: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server as main() runs it (serve()): every session's decision goes through the one
+    Ledger -- one asyncpg pool -- it started, never a ledger or a connection of its own."""
+    from consent_gate.agi import fastagi, session
+
+    ledgers: list[Ledger] = []
     pools = Pools()
-    server = await server_factory(pools=pools)
-    call_ids = [_call_id() for _ in range(5)]
-    fakes = [await FakeAsterisk.connect(server, call_id=call_id) for call_id in call_ids]
-    for fake in fakes:
-        await fake.expect("ANSWER", "200 result=0")
-    for fake in fakes:
-        await fake.expect(QUESTION, "200 result=50 endpos=100")  # "2": declined
-    for fake in fakes:
-        await fake.expect('SET VARIABLE "CONSENT_RESULT" *', "200 result=1")
-        await fake.expect('SET VARIABLE "__CONSENT_AGENT_NOTICE" *', "200 result=1")
-        assert await fake.closed() == []
-    for call_id in call_ids:
-        assert await _events(pg_dsn, call_id) == ["declined"]
-    assert pools.opened == 1, "one pool for the server's lifetime, not one connection per call"
+
+    class CountedLedger(Ledger):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs, connect=pools)
+            ledgers.append(self)
+
+    monkeypatch.setattr(fastagi, "Ledger", CountedLedger)
+    monkeypatch.setattr(session, "Ledger", CountedLedger)
+    settings = _settings(tmp_path, pg_dsn, CONSENT_GATE_FASTAGI_LISTEN="127.0.0.1:0")
+    stop = asyncio.Event()
+    ready: asyncio.Future[FastAgiServer] = asyncio.get_running_loop().create_future()
+    serving = asyncio.ensure_future(fastagi.serve(settings, stop, ready=ready.set_result))
+    try:
+        server = await asyncio.wait_for(ready, 10)
+        call_ids = [_call_id() for _ in range(5)]
+        fakes = [await FakeAsterisk.connect(server, call_id=call_id) for call_id in call_ids]
+        for fake in fakes:
+            await fake.expect("ANSWER", "200 result=0")
+        for fake in fakes:
+            await fake.expect(QUESTION, "200 result=50 endpos=100")  # "2": declined
+        for fake in fakes:
+            await fake.expect('SET VARIABLE "CONSENT_RESULT" *', "200 result=1")
+            await fake.expect('SET VARIABLE "__CONSENT_AGENT_NOTICE" *', "200 result=1")
+            assert await fake.closed() == []
+        for call_id in call_ids:
+            assert await _events(pg_dsn, call_id) == ["declined"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 15)
+    assert (len(ledgers), pools.opened) == (1, 1), "one pool for the server's lifetime, not one per call"
 
 
 async def test_beyond_max_sessions_a_call_is_closed_at_once(server_factory, pg_dsn) -> None:
