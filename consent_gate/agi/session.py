@@ -50,6 +50,7 @@ from consent_gate.contract import (
     valid_time,
 )
 from consent_gate.core.dialog import (
+    MAX_PURPOSES,
     RESULT_VARIABLE,
     CallerHungUp,
     CallInfo,
@@ -259,13 +260,13 @@ def read_agi_environment(stream: IO[str], argument: str | None, *, network_scrip
     return env
 
 
-# What [consent-gate-agi] and the mid-call routines pass: the purposes ([consent-gate-reset]
-# checked them with the same pattern), or midcall-<action>-<caller|agent>.
-_GATE_ARGUMENT = re.compile(r"[a-z0-9-]{1,40}(?:[+][a-z0-9-]{1,40}){0,3}")
-
-
 def valid_gate_argument(argument: str) -> bool:
-    return parse_midcall(argument) is not None or _GATE_ARGUMENT.fullmatch(argument) is not None
+    """What [consent-gate-agi] and the mid-call routines pass: purpose names joined by "+" (as
+    [consent-gate-reset] checked them), or midcall-<action>-<caller|agent>."""
+    if parse_midcall(argument) is not None:
+        return True
+    names = argument.split("+")
+    return 1 <= len(names) <= MAX_PURPOSES and all(valid_purpose_name(name) for name in names)
 
 
 def call_info(env: dict[str, str]) -> CallInfo:
