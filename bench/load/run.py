@@ -321,7 +321,7 @@ def main() -> int:
     parser.add_argument("--levels", default="1,10,30,50",
                         help="concurrency levels, one round each (default 1,10,30,50); repeat a level for repeats, "
                         "e.g. 20,20,20")
-    parser.add_argument("--gates", default="ari,agi,fastagi,ref", help="which gates: ari, agi, fastagi, ref")
+    parser.add_argument("--gates", default="ari,agi,fastagi,ref", help="which gates: ari, agi, fastagi, ref, refwrap (the reference in the AGI-mode dialplan wrapper)")
     parser.add_argument("--calls-per-slot", type=int, default=4, help="calls per concurrent slot (default 4)")
     parser.add_argument("--min-calls", type=int, default=10, help="at least this many calls per run")
     parser.add_argument("--key-delay", type=float, default=2.0, help="seconds from answer to the key")

@@ -23,7 +23,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The gates measured side by side: extension in the sandbox dialplan.  "fastagi" is the AGI gate
 # through consent-gate-fastagi (the same [consent-gate-agi], CONSENT_GATE_AGI an agi:// URL).
-GATES = {"ari": "200", "agi": "300", "fastagi": "350", "ref": "400"}
+# "refwrap" (401) is the reference inside the same AGI-mode dialplan wrapper as 300/350 (an
+# experiment: what the wrapper costs Asterisk, apart from the AGI call).
+GATES = {"ari": "200", "agi": "300", "fastagi": "350", "ref": "400", "refwrap": "401"}
 
 
 # -- /proc ---------------------------------------------------------------------------------
