@@ -35,13 +35,10 @@ import asyncio
 import contextlib
 import io
 import logging
-import os
 import re
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
 
@@ -54,7 +51,6 @@ from consent_gate.agi.session import (
     run_session,
     shared_ledger,
 )
-from consent_gate.checks import check_journal_writable, check_prompts, check_recordings_dir
 from consent_gate.config import ConfigError, Settings, load_settings
 from consent_gate.contract import CONTROL_CHARACTERS
 from consent_gate.core.dialog import CallerHungUp
@@ -62,6 +58,13 @@ from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import Ledger
 from consent_gate.log import configure_logging
 from consent_gate.prompts.catalog import PromptCatalog, PromptError
+from consent_gate.service import (
+    add_service_arguments,
+    check_journal_writable,
+    check_prompts,
+    check_recordings_dir,
+    run_until_signalled,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -425,11 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         description="FastAGI server for the AGI gate: CONSENT_GATE_AGI=agi://127.0.0.1:4573/consent-gate. "
         "Reads the same settings as consent-gate-ari (--config or $CONSENT_GATE_CONFIG; [fastagi] listen).",
     )
-    parser.add_argument("--config", type=Path, help="TOML settings file (default: $CONSENT_GATE_CONFIG)")
-    parser.add_argument("--check-config", action="store_true", help="validate settings and prompts, then exit")
-    parser.add_argument("--log-format", choices=("json", "console"), default="json")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning"),
-                        default=os.environ.get("CONSENT_GATE_LOG_LEVEL", "info"))
+    add_service_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_format, getattr(logging, args.log_level.upper()))
     try:
@@ -444,22 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"consent-gate-fastagi: {error}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
     try:
-        asyncio.run(run())
-    except PromptError as error:
-        print(f"consent-gate-fastagi: {error}", file=sys.stderr)
-        return 2
+        return run_until_signalled(serve, settings, "consent-gate-fastagi")
     except OSError as error:  # the port is taken, or not ours to bind
         print(f"consent-gate-fastagi: cannot listen on {settings.fastagi_listen}: {error.strerror}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

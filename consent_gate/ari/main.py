@@ -12,10 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import sys
-from pathlib import Path
 
 import structlog
 
@@ -23,13 +20,19 @@ from consent_gate.ari.ami import AmiClient, AmiConfig, AmiError
 from consent_gate.ari.app import ConsentGateApp
 from consent_gate.ari.metrics import ServiceMetrics, start_exporter
 from consent_gate.ari.transport import AriClient, AriConfig
-from consent_gate.checks import check_journal_writable, check_prompts, check_recordings_dir
 from consent_gate.config import ConfigError, Settings, load_settings
 from consent_gate.core.dialog import GateContext
 from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import Ledger
 from consent_gate.log import configure_logging
 from consent_gate.prompts.catalog import PromptCatalog, PromptError
+from consent_gate.service import (
+    add_service_arguments,
+    check_journal_writable,
+    check_prompts,
+    check_recordings_dir,
+    run_until_signalled,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -83,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Asterisk ARI service that asks callers for recording consent. "
         "Secrets: CONSENT_GATE_ARI_PASSWORD and CONSENT_GATE_HMAC_KEY (or *_FILE).",
     )
-    parser.add_argument("--config", type=Path, help="TOML settings file (default: $CONSENT_GATE_CONFIG)")
-    parser.add_argument("--check-config", action="store_true", help="validate settings and prompts, then exit")
-    parser.add_argument("--log-format", choices=("json", "console"), default="json")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning"),
-                        default=os.environ.get("CONSENT_GATE_LOG_LEVEL", "info"))
+    add_service_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_format, getattr(logging, args.log_level.upper()))
     try:
@@ -106,19 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"consent-gate-ari: {error}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    try:
-        asyncio.run(run())
-    except PromptError as error:
-        print(f"consent-gate-ari: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_until_signalled(serve, settings, "consent-gate-ari")
 
 
 if __name__ == "__main__":
