@@ -75,6 +75,7 @@ from consent_gate.core.midcall import (
 from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import Ledger
 from consent_gate.prompts.catalog import PromptCatalog
+from consent_gate.recordings import recordings_dir_problem
 
 log = structlog.get_logger(__name__)
 # discard_keys: WAIT FOR DIGIT 0 reads nothing (Asterisk's wait loop runs only while time is
@@ -608,6 +609,10 @@ async def _resume_recording(settings: Settings, steps: _Steps, channel: ChannelC
         return False
     if file_id is None:
         log.warning("consent.resume_refused", reason="no usable recording id")
+        return False
+    if (unsafe := recordings_dir_problem(settings)) is not None:
+        # The server checked the directory when it started; a resume may come hours later.
+        log.error("consent.resume_refused", reason=unsafe)
         return False
     mix, caller_leg, agent_leg = (settings.recordings_dir / f"{file_id}{suffix}" for suffix in RECORDING_FILE_SUFFIXES)
     # b: only while bridged (a resume comes from features.conf, in a bridge; after a transfer

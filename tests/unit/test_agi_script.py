@@ -834,3 +834,22 @@ async def test_other_keys_heard_while_storing_change_nothing(agi_rig: AgiRig, le
     session.expect(r'SET VARIABLE "__CONSENT_AGENT_NOTICE" ".*"', "200 result=1")
     assert session.finish() == (0, [])
     assert [r["event"] for r in await ledger_rows(call_id)] == ["granted"]
+
+
+async def test_a_resume_once_the_recordings_directory_is_no_longer_private_records_nothing(
+    pg_dsn: str, tmp_path: Path, ledger_rows
+) -> None:
+    """The FastAGI server checked the directory when it started; a resume may come hours later
+    (the script checks at its own start, per call): it refuses MixMonitor then too."""
+    rig = _rig(pg_dsn, tmp_path, "fastagi")
+    try:
+        channel, _, _ = _recorded_channel(rig, CONSENT_PAUSED_AT="2026-12-01T10:00:00+00:00")
+        rig._start_server()  # while the directory is private
+        (tmp_path / "recordings").chmod(0o750)
+        session, call_id = _midcall(rig, "midcall-resume-agent")
+        assert channel.serve(session) == 0, session.stderr()
+        assert "MixMonitor" not in [app for app, _ in channel.executed]
+        assert await ledger_rows(call_id) == [], "a resume that did not happen is not logged"
+        assert "consent.resume_refused" in session.stderr()
+    finally:
+        rig.close()
