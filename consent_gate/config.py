@@ -39,6 +39,7 @@ _SECTION_KEYS: dict[str, frozenset[str] | None] = {
     "ami": frozenset({"host", "port", "username", "secret_file"}),
     "purposes": None,
     "api": frozenset({"listen", "token_file", "allow_remote"}),
+    "fastagi": frozenset({"listen", "max_sessions"}),
 }
 _LANGUAGE = re.compile(r"^[a-z]{2}$")
 # prompts.asterisk_dir goes into STREAM FILE / Playback arguments and into CONSENT_RESULT (":"
@@ -119,6 +120,9 @@ class Settings:
     ami_secret: str | None = field(default=None, repr=False)
     # The user Asterisk runs as: it must own recordings_dir (mode 0700), see consent_gate/recordings.py.
     recordings_owner: str = "asterisk"
+    # The FastAGI server (consent-gate-fastagi): loopback only, always -- AGI has no authentication.
+    fastagi_listen: str = "127.0.0.1:4573"
+    fastagi_max_sessions: int = 500
 
     def purpose(self, name: str) -> Purpose | None:
         return self.purposes.get(name)
@@ -264,6 +268,7 @@ def load_settings(
     prompts = data.get("prompts", {})
     api = data.get("api", {})
     ami = data.get("ami", {})
+    fastagi = data.get("fastagi", {})
 
     def pick(env_name: str, table: Mapping[str, Any], key: str, where: str, default: Any = ...) -> Any:
         if env.get(env_name):
@@ -307,6 +312,8 @@ def load_settings(
             ami_user=pick("CONSENT_GATE_AMI_USER", ami, "username", "ami", "consent-gate"),
             ami_secret=_optional_secret(env, "CONSENT_GATE_AMI_SECRET", ami.get("secret_file"), f"{name}: ami.secret"),
             recordings_owner=pick("CONSENT_GATE_RECORDINGS_OWNER", recordings, "owner", "recordings", "asterisk"),
+            fastagi_listen=pick("CONSENT_GATE_FASTAGI_LISTEN", fastagi, "listen", "fastagi", "127.0.0.1:4573"),
+            fastagi_max_sessions=_get(fastagi, "max_sessions", int, f"{name}: fastagi", 500),
         )
     except ConfigError:
         raise
@@ -323,6 +330,14 @@ def load_settings(
         raise ConfigError(f"{name}: api.listen: {host!r} is not a loopback address; the API exports and "
                           "erases recordings: keep it on 127.0.0.1 behind a TLS proxy, or set "
                           "api.allow_remote = true")
+    host, _, port = settings.fastagi_listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:  # 0: any free port (tests)
+        raise ConfigError(f"{name}: fastagi.listen: {settings.fastagi_listen!r} is not host:port")
+    if not _is_loopback(host) or host == "localhost":
+        raise ConfigError(f"{name}: fastagi.listen: {host!r} is not a loopback address (127.0.0.0/8 or ::1); "
+                          "AGI has no authentication: whoever reaches the port could forge a caller's consent")
+    if not 1 <= settings.fastagi_max_sessions <= 10000:
+        raise ConfigError(f"{name}: fastagi.max_sessions: outside 1..10000")
     if not _ASTERISK_DIR.match(settings.asterisk_prompts_dir):
         raise ConfigError(f"{name}: prompts.asterisk_dir: {settings.asterisk_prompts_dir!r} must be an absolute "
                           "path of at most 150 letters, digits and / _ . - (a ':', ',' or space would break the "

@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
-"""Load benchmark: the ARI gate, the AGI gate and a pure-dialplan reference gate, side by side.
+"""Load benchmark: the ARI gate, the AGI gate (script and FastAGI) and a pure-dialplan reference, side by side.
 
     . as root, from the project directory, with the sandbox's CONSENT_GATE_SANDBOX_* ports set:
     python3 bench/load/run.py --levels 1,10,30,50 --out bench/load/results.json
 
-For every concurrency level and every gate (interleaved, so all three see the same machine),
+For every concurrency level and every gate (interleaved, so all gates see the same machine),
 SIPp places real SIP calls (digest auth, G.711 RTP from the caller, the consent key as SIP INFO)
 against the real Asterisk 22 sandbox: a consenting caller per call.  Reported per run:
 
 * calls/s completed (a call counts when the gate reported ``granted`` for it and SIPp ended it
   normally) and failed calls;
 * CPU seconds per call from /proc: Asterisk itself, our process (the ARI service; for AGI the
-  scripts, which are Asterisk's reaped children) and PostgreSQL, each separately;
+  scripts, which are Asterisk's reaped children; for FastAGI the consent-gate-fastagi server)
+  and PostgreSQL, each separately;
 * answer → question-prompt start and keypress → MixMonitor start, p50/p99, from Asterisk's full
   log (pjsip logger for the 200 OK, "Playing '.../question-training'", "DTMF end '1'",
   "Begin MixMonitor Recording");
-* the ARI service's RSS (and the AGI scripts' peak total RSS).
+* the ARI service's and the FastAGI server's RSS (and the AGI scripts' peak total RSS).
+
+Each level is one round; repeat a level for repeats (``--levels 20,20,20``).  Within a round the
+gates run one after the other, their order rotating from round to round, and the summary gives
+per gate and level the median and the range over the rounds (CPU per call, and its ratio to the
+reference of the same round).
 
 The benchmark prints figures and writes JSON; it asserts nothing about timing.
 """
@@ -27,6 +33,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import uuid
@@ -42,6 +49,7 @@ async def sample_memory(rig: Rig, stop: asyncio.Event, out: dict[str, int]) -> N
     """Peak RSS of the ARI service, and of all running AGI scripts together, every 200 ms."""
     while not stop.is_set():
         out["ari_rss_kib_max"] = max(out.get("ari_rss_kib_max", 0), loadlib.rss_kib(rig.gate_pid))
+        out["fastagi_rss_kib_max"] = max(out.get("fastagi_rss_kib_max", 0), loadlib.rss_kib(rig.fastagi_pid))
         scripts = [pid for pid in loadlib.children(rig.asterisk_pid)]
         total = sum(loadlib.rss_kib(pid) for pid in scripts)
         out["agi_rss_kib_max"] = max(out.get("agi_rss_kib_max", 0), total)
@@ -96,7 +104,7 @@ async def run_one(rig: Rig, args: argparse.Namespace, scenario: Path, gate: str,
     machine_total = cpu.pop("machine_total")
     others = machine_busy - sum(cpu.values())
     per_call = max(completed, 1)
-    ours = cpu["ari_app"] if gate == "ari" else cpu["agi_scripts"] if gate == "agi" else 0.0
+    ours = {"ari": cpu["ari_app"], "agi": cpu["agi_scripts"], "fastagi": cpu["fastagi_app"]}.get(gate, 0.0)
     row = {
         "gate": gate, "extension": GATES[gate], "concurrency": concurrency, "calls": calls,
         "completed": completed, "granted": granted, "sipp_successful": result.successful,
@@ -113,6 +121,7 @@ async def run_one(rig: Rig, args: argparse.Namespace, scenario: Path, gate: str,
         "machine_busy_pct": round(100 * machine_busy / machine_total, 1) if machine_total else None,
         "other_cpu_s": round(others, 2),
         "ari_rss_kib_end": loadlib.rss_kib(rig.gate_pid),
+        "fastagi_rss_kib_end": loadlib.rss_kib(rig.fastagi_pid),
         **memory,
         "channels_left": left,
     }
@@ -149,20 +158,21 @@ def print_row(row: dict) -> None:
           f"fail={row['failed']:>3} {row['calls_per_s']:6.2f} calls/s  cpu/call ms: ast={cpc['asterisk']:6.1f} "
           f"ours={cpc['ours']:6.1f} pg={cpc['postgres']:5.1f}  answer->prompt p50/p99={ap['p50']}/{ap['p99']} ms  "
           f"key->rec p50/p99={km['p50']}/{km['p99']} ms  ari_rss={row.get('ari_rss_kib_max', 0) // 1024} MiB  "
+          f"fastagi_rss={row.get('fastagi_rss_kib_max', 0) // 1024} MiB  "
           f"machine busy {row['machine_busy_pct']}%",
           flush=True)
 
 
 def summary(rows: list[dict]) -> dict:
-    """Ratios against the reference at each level: calls/s and total CPU per call."""
+    """Ratios against the reference of the same round (level): calls/s and total CPU per call."""
     out = {}
     for row in rows:
         if row["gate"] == "ref":
             continue
-        ref = next((r for r in rows if r["gate"] == "ref" and r["concurrency"] == row["concurrency"]), None)
+        ref = next((r for r in rows if r["gate"] == "ref" and r["round"] == row["round"]), None)
         if ref is None:
             continue
-        key = f"{row['gate']}@{row['concurrency']}"
+        key = f"{row['gate']}@{row['concurrency']}#{row['round']}"
         out[key] = {
             "throughput_ratio": round(row["calls_per_s"] / ref["calls_per_s"], 3) if ref["calls_per_s"] else None,
             "cpu_per_call_ratio": round(row["cpu_ms_per_call"]["total"] / ref["cpu_ms_per_call"]["total"], 2)
@@ -174,12 +184,43 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def _spread(values: list[float]) -> dict[str, float | int | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0, "median": None, "min": None, "max": None}
+    return {"n": len(values), "median": round(statistics.median(values), 2), "min": min(values), "max": max(values)}
+
+
+def aggregate(rows: list[dict], ratios: dict) -> dict:
+    """Per gate and concurrency over the rounds: median and range of total CPU per call (ms),
+    of its ratio to the same round's reference, and of calls/s."""
+    out: dict[str, dict] = {}
+    for gate in dict.fromkeys(r["gate"] for r in rows):
+        for level in dict.fromkeys(r["concurrency"] for r in rows):
+            mine = [r for r in rows if r["gate"] == gate and r["concurrency"] == level]
+            if not mine:
+                continue
+            out[f"{gate}@{level}"] = {
+                "cpu_ms_per_call_total": _spread([r["cpu_ms_per_call"]["total"] for r in mine]),
+                "cpu_ms_per_call_ours": _spread([r["cpu_ms_per_call"]["ours"] for r in mine]),
+                "cpu_ms_per_call_asterisk": _spread([r["cpu_ms_per_call"]["asterisk"] for r in mine]),
+                "cpu_per_call_ratio": _spread([ratios[k]["cpu_per_call_ratio"] for k in ratios
+                                               if k.startswith(f"{gate}@{level}#")]),
+                "calls_per_s": _spread([r["calls_per_s"] for r in mine]),
+                "failed": sum(r["failed"] for r in mine),
+                "machine_busy_pct": _spread([r["machine_busy_pct"] for r in mine]),
+            }
+    return out
+
+
 async def main_async(args: argparse.Namespace) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     rig = Rig(args.work_dir, args.pg_port, extra_env={"CONSENT_GATE_LOG_LEVEL": args.app_log_level})
     await rig.start()
     rows: list[dict] = []
     try:
+        # Read now: the rig is gone when the JSON is written.
+        asterisk_version = rig.asterisk.cli("core show version").strip()
         if args.ari_event_filter:
             await set_event_filter(rig)
         # The 200 OK times come from the pjsip logger, limited to INVITE transactions.
@@ -194,9 +235,12 @@ async def main_async(args: argparse.Namespace) -> int:
         for gate in args.gates:
             await run_one(rig, argparse.Namespace(**{**vars(args), "min_calls": 1, "calls_per_slot": 1}),
                           scenario, gate, 1, run_id + "w")
-        for concurrency in args.levels:
-            for gate in args.gates:
-                row = await run_one(rig, args, scenario, gate, concurrency, run_id)
+        for round_no, concurrency in enumerate(args.levels):
+            # Interleaved, and the order rotates each round: no gate always runs first or last.
+            shift = round_no % len(args.gates)
+            for gate in args.gates[shift:] + args.gates[:shift]:
+                row = await run_one(rig, args, scenario, gate, concurrency, f"{run_id}r{round_no}")
+                row["round"] = round_no
                 rows.append(row)
                 print_row(row)
     finally:
@@ -208,16 +252,22 @@ async def main_async(args: argparse.Namespace) -> int:
     for key, value in ratios.items():
         print(f"{key}: throughput {value['throughput_ratio']}x ref, CPU/call {value['cpu_per_call_ratio']}x ref "
               f"(Asterisk alone {value['asterisk_cpu_per_call_ratio']}x)")
+    spread = aggregate(rows, ratios)
+    for key, value in spread.items():
+        total, ratio = value["cpu_ms_per_call_total"], value["cpu_per_call_ratio"]
+        print(f"{key}: CPU/call total median {total['median']} ms [{total['min']}..{total['max']}] over {total['n']}"
+              + (f", vs ref median {ratio['median']}x [{ratio['min']}..{ratio['max']}]" if ratio["n"] else ""))
     result = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(args.started)),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-                    "asterisk": rig.asterisk.cli("core show version").strip()},
+                    "asterisk": asterisk_version},
         "settings": {"key_delay_s": args.key_delay, "calls_per_slot": args.calls_per_slot,
                      "ari_event_filter": args.ari_event_filter,
                      "min_calls": args.min_calls, "app_log_level": args.app_log_level},
         "runs": rows,
         "ratios_vs_reference": ratios,
+        "medians": spread,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
@@ -231,8 +281,8 @@ def markdown_table(result: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in result["runs"]:
         ap, km, cpc = row["answer_to_prompt_ms"], row["key_to_mixmonitor_ms"], row["cpu_ms_per_call"]
-        rss = (row.get("ari_rss_kib_max", 0) if row["gate"] == "ari" else row.get("agi_rss_kib_max", 0)
-               if row["gate"] == "agi" else 0) / 1024
+        rss = {"ari": row.get("ari_rss_kib_max", 0), "agi": row.get("agi_rss_kib_max", 0),
+               "fastagi": row.get("fastagi_rss_kib_max", 0)}.get(row["gate"], 0) / 1024
         lines.append(
             f"| {row['gate']} | {row['concurrency']} | {row['completed']}/{row['failed']} | {row['calls_per_s']:.2f} "
             f"| {cpc['asterisk']:.0f} | {cpc['ours']:.0f} | {cpc['postgres']:.0f} | {ap['p50']}/{ap['p99']} "
@@ -243,6 +293,22 @@ def markdown_table(result: dict) -> str:
     for key, value in result["ratios_vs_reference"].items():
         lines.append(f"| {key} | {value['throughput_ratio']}× | {value['cpu_per_call_ratio']}× "
                      f"| {value['asterisk_cpu_per_call_ratio']}× |")
+    if result.get("medians"):
+        lines.append("")
+        lines.append("| gate@level | runs | CPU ms/call total, median [range] | ours | Asterisk "
+                     "| vs reference, median [range] | calls/s median | failed | machine busy median |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+        def cell(spread: dict, unit: str = "") -> str:
+            if not spread["n"]:
+                return "–"
+            return f"{spread['median']:g}{unit} [{spread['min']:g}–{spread['max']:g}]"
+
+        for key, value in result["medians"].items():
+            lines.append(f"| {key} | {value['cpu_ms_per_call_total']['n']} | {cell(value['cpu_ms_per_call_total'])} "
+                         f"| {cell(value['cpu_ms_per_call_ours'])} | {cell(value['cpu_ms_per_call_asterisk'])} "
+                         f"| {cell(value['cpu_per_call_ratio'], '×')} | {value['calls_per_s']['median']} "
+                         f"| {value['failed']} | {value['machine_busy_pct']['median']} % |")
     return "\n".join(lines)
 
 
@@ -252,8 +318,10 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="run.py --table results.json prints the markdown table of a run")
-    parser.add_argument("--levels", default="1,10,30,50", help="concurrency levels (default 1,10,30,50)")
-    parser.add_argument("--gates", default="ari,agi,ref", help="which gates: ari, agi, ref")
+    parser.add_argument("--levels", default="1,10,30,50",
+                        help="concurrency levels, one round each (default 1,10,30,50); repeat a level for repeats, "
+                        "e.g. 20,20,20")
+    parser.add_argument("--gates", default="ari,agi,fastagi,ref", help="which gates: ari, agi, fastagi, ref, refwrap (the reference in the AGI-mode dialplan wrapper)")
     parser.add_argument("--calls-per-slot", type=int, default=4, help="calls per concurrent slot (default 4)")
     parser.add_argument("--min-calls", type=int, default=10, help="at least this many calls per run")
     parser.add_argument("--key-delay", type=float, default=2.0, help="seconds from answer to the key")

@@ -12,10 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import sys
-from pathlib import Path
 
 import structlog
 
@@ -29,38 +26,15 @@ from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import Ledger
 from consent_gate.log import configure_logging
 from consent_gate.prompts.catalog import PromptCatalog, PromptError
-from consent_gate.recordings import check_private_dir, owner_uid
+from consent_gate.service import (
+    add_service_arguments,
+    check_journal_writable,
+    check_prompts,
+    check_recordings_dir,
+    run_until_signalled,
+)
 
 log = structlog.get_logger(__name__)
-
-
-def check_prompts(settings: Settings, catalog: PromptCatalog) -> None:
-    """Every purpose's prompt and the shared prompts must exist in the default language."""
-    needed = {p.prompt for p in settings.purposes.values()} | {"invalid", "granted", "declined"}
-    for name in sorted(needed):
-        catalog.version(settings.default_language, name)
-
-
-def check_recordings_dir(settings: Settings) -> None:
-    """Refuse to run unless MixMonitor's directory is private to the Asterisk user."""
-    check_private_dir(settings.recordings_dir, owner_uid(settings.recordings_owner))
-
-
-def check_journal_writable(directory: Path) -> None:
-    """The journal is the fallback while PostgreSQL is down: prove now that a write reaches the
-    disk there (create, fsync, remove a probe file), not on the first outage."""
-    probe = directory / f".check-config-{os.getpid()}"
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, b"probe\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"ledger.journal_dir {directory}: not writable ({error.strerror})") from None
 
 
 async def check_ami_login(settings: Settings) -> None:
@@ -112,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Asterisk ARI service that asks callers for recording consent. "
         "Secrets: CONSENT_GATE_ARI_PASSWORD and CONSENT_GATE_HMAC_KEY (or *_FILE).",
     )
-    parser.add_argument("--config", type=Path, help="TOML settings file (default: $CONSENT_GATE_CONFIG)")
-    parser.add_argument("--check-config", action="store_true", help="validate settings and prompts, then exit")
-    parser.add_argument("--log-format", choices=("json", "console"), default="json")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning"),
-                        default=os.environ.get("CONSENT_GATE_LOG_LEVEL", "info"))
+    add_service_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_format, getattr(logging, args.log_level.upper()))
     try:
@@ -135,19 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"consent-gate-ari: {error}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    try:
-        asyncio.run(run())
-    except PromptError as error:
-        print(f"consent-gate-ari: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_until_signalled(serve, settings, "consent-gate-ari")
 
 
 if __name__ == "__main__":

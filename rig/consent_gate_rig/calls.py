@@ -166,11 +166,12 @@ async def wait_for_event(dsn: str, consent_id: str, kind: str, timeout: float = 
 # Ports of the test sandbox: away from 5060/8088 and from the demo's defaults.  Two test runs
 # on one machine (two developers, two sessions) set CONSENT_GATE_SANDBOX_NAME and the
 # CONSENT_GATE_SANDBOX_*_PORT variables (and CONSENT_GATE_TEST_PG_PORT) to stay apart.
-TEST_SANDBOX = dict(name="test", sip_port=25160, http_port=28188, ami_port=25138, rtp_start=26400, rtp_end=26799)
+TEST_SANDBOX = dict(name="test", sip_port=25160, http_port=28188, ami_port=25138, rtp_start=26400, rtp_end=26799,
+                    fastagi_port=25173)
 
 
 _ENV_NAMES = dict(name="NAME", sip_port="SIP_PORT", http_port="HTTP_PORT", ami_port="AMI_PORT",
-                  rtp_start="RTP_START", rtp_end="RTP_END")
+                  rtp_start="RTP_START", rtp_end="RTP_END", fastagi_port="FASTAGI_PORT")
 
 
 def sandbox_settings_for_tests() -> SandboxSettings:

@@ -90,8 +90,60 @@ class AsteriskLog:
         return GateResult(**match.groupdict())
 
 
+class ServiceProcess:
+    """A service of ours as a real child process: started with its log file, stopped by
+    SIGTERM (SIGKILL after ``timeout``), its log readable."""
+
+    process: subprocess.Popen[bytes] | None
+    stop_timeout: float = 10.0
+
+    @property
+    def log_path(self) -> Path:
+        raise NotImplementedError
+
+    @staticmethod
+    def _config(given: Path | None, work_dir: Path) -> Path:
+        """The settings file: the one given, else one with the sandbox's purposes."""
+        if given is not None:
+            return given
+        config = work_dir / "consent-gate.toml"
+        config.write_text(SANDBOX_PURPOSES)
+        return config
+
+    def _spawn(self, args: list[str], env: dict[str, str]) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def stop(self, *, kill: bool = False, timeout: float | None = None) -> int | None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
+        while process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        return process.returncode
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
 @dataclass
-class GateService:
+class GateService(ServiceProcess):
     """The consent-gate ARI service as a real child process (what systemd would run)."""
 
     sandbox: AsteriskSandbox
@@ -130,19 +182,9 @@ class GateService:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # The AGI script (run by Asterisk) shares the ledger, the purposes and the pseudonym key.
         self.sandbox.write_gate_config(self.dsn, self.hmac_key, SANDBOX_PURPOSES)
-        config = self.config_path
-        if config is None:
-            config = self.work_dir / "consent-gate.toml"
-            config.write_text(SANDBOX_PURPOSES)
-        args = [*(self.command or [sys.executable, "-m", "consent_gate.ari.main"]), "--config", str(config)]
-        with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(args, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+        self._spawn([*(self.command or [sys.executable, "-m", "consent_gate.ari.main"]),
+                     "--config", str(self._config(self.config_path, self.work_dir))], self.env())
         await self.wait_registered(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     async def wait_registered(self, timeout: float) -> None:
         """Until Asterisk lists our ARI application (the websocket is connected)."""
@@ -164,24 +206,58 @@ class GateService:
                 await asyncio.sleep(0.1)
         raise TimeoutError(f"consent-gate-ari did not register with ARI in {timeout:.0f} s:\n{self.log_tail()}")
 
-    async def stop(self, *, kill: bool = False, timeout: float = 10.0) -> int | None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return None if process is None else process.returncode
-        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+
+
+@dataclass
+class FastAgiService(ServiceProcess):
+    """consent-gate-fastagi as a real child process (what systemd would run), beside the ARI
+    service: the same ledger, purposes and pseudonym key, its own journal, listening where the
+    sandbox dialplan's FastAGI extensions (350...) connect (the sandbox's fastagi_port)."""
+
+    gate: GateService
+    extra_env: dict[str, str] = field(default_factory=dict)
+    command: list[str] | None = None  # default: this Python's consent_gate.agi.fastagi
+    process: subprocess.Popen[bytes] | None = None
+    stop_timeout: float = 15.0  # it lets the sessions in flight finish (10 s) first
+
+    @property
+    def work_dir(self) -> Path:
+        return self.gate.work_dir / "fastagi"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "consent-gate-fastagi.log"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.work_dir / "journal"
+
+    @property
+    def port(self) -> int:
+        return self.gate.sandbox.settings.fastagi_port
+
+    def env(self) -> dict[str, str]:
+        env = self.gate.env()
+        env.update(CONSENT_GATE_JOURNAL_DIR=str(self.journal_dir),
+                   CONSENT_GATE_FASTAGI_LISTEN=f"127.0.0.1:{self.port}")
+        env.update(self.extra_env)
+        return env
+
+    async def start(self, timeout: float = 20.0) -> None:
+        if self.running:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._spawn([*(self.command or [sys.executable, "-m", "consent_gate.agi.fastagi"]),
+                     "--config", str(self._config(self.gate.config_path, self.work_dir))], self.env())
+        await self.wait_listening(timeout)
+
+    async def wait_listening(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while process.poll() is None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"consent-gate-fastagi exited ({self.process.returncode}):\n{self.log_tail()}")
+            if "consent_gate.fastagi_started" in self.log_text():
+                return
             await asyncio.sleep(0.05)
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-        return process.returncode
+        raise TimeoutError(f"consent-gate-fastagi did not listen in {timeout:.0f} s:\n{self.log_tail()}")
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])

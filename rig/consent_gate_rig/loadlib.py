@@ -21,8 +21,11 @@ from pathlib import Path
 SCENARIO = Path(__file__).resolve().parent / "caller.xml"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# The three gates measured side by side: extension in the sandbox dialplan.
-GATES = {"ari": "200", "agi": "300", "ref": "400"}
+# The gates measured side by side: extension in the sandbox dialplan.  "fastagi" is the AGI gate
+# through consent-gate-fastagi (the same [consent-gate-agi], CONSENT_GATE_AGI an agi:// URL).
+# "refwrap" (401) is the reference inside the same AGI-mode dialplan wrapper as 300/350 (an
+# experiment: what the wrapper costs Asterisk, apart from the AGI call).
+GATES = {"ari": "200", "agi": "300", "fastagi": "350", "ref": "400", "refwrap": "401"}
 
 
 # -- /proc ---------------------------------------------------------------------------------
@@ -102,7 +105,8 @@ def threads(pid: int) -> int:
 
 @dataclass
 class Rig:
-    """Asterisk sandbox + throwaway PostgreSQL + the ARI service as a real process."""
+    """Asterisk sandbox + throwaway PostgreSQL + the ARI service and the FastAGI server as real
+    processes."""
 
     work_dir: Path
     pg_port: int
@@ -111,7 +115,7 @@ class Rig:
 
     async def start(self) -> None:
         from consent_gate.ledger.store import migrate
-        from consent_gate_rig.harness import GateService
+        from consent_gate_rig.harness import FastAgiService, GateService
         from consent_gate_rig.pgsandbox import PgSandbox
         from consent_gate_rig.sandbox import AsteriskSandbox, SandboxSettings
 
@@ -127,8 +131,11 @@ class Rig:
         await migrate(self.pg.dsn)
         self.gate = GateService(self.asterisk, self.pg.dsn, self.work_dir / "gate", extra_env=self.extra_env)
         await self.gate.start()
+        self.fastagi = FastAgiService(self.gate, extra_env=self.extra_env)
+        await self.fastagi.start()
 
     async def stop(self) -> None:
+        await self.fastagi.stop()
         await self.gate.stop()
         self.pg.destroy()
         shutil.rmtree(self.pg_base, ignore_errors=True)
@@ -146,6 +153,11 @@ class Rig:
         return self.gate.process.pid
 
     @property
+    def fastagi_pid(self) -> int:
+        assert self.fastagi.process is not None
+        return self.fastagi.process.pid
+
+    @property
     def postmaster_pid(self) -> int:
         return int((self.pg.data_dir / "postmaster.pid").read_text().split()[0])
 
@@ -156,6 +168,7 @@ class Rig:
             # AGI scripts are Asterisk's children: their CPU shows up once Asterisk reaps them.
             "agi_scripts": ast_children,
             "ari_app": sum(proc_cpu(self.gate_pid)),
+            "fastagi_app": sum(proc_cpu(self.fastagi_pid)),
             "postgres": tree_cpu(self.postmaster_pid),
             "machine_busy": system_cpu()[0],
             "machine_total": system_cpu()[1],

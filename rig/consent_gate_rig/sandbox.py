@@ -93,6 +93,9 @@ class SandboxSettings:
     ari_user: str = "consent-gate"
     ami_user: str = "consent-gate"
     agi_command: str = ""
+    # Where the sandbox dialplan's FastAGI extensions (350...) reach consent-gate-fastagi
+    # (rig/consent_gate_rig/harness.py starts it there; Asterisk only connects to it).
+    fastagi_port: int = 25073
     # Asterisk's umask; None: the UMask= of the shipped drop-in (what a deployed Asterisk gets).
     umask: int | None = None
 
@@ -108,6 +111,7 @@ class SandboxSettings:
             "ami_port": _env_int("CONSENT_GATE_SANDBOX_AMI_PORT", cls.ami_port),
             "rtp_start": _env_int("CONSENT_GATE_SANDBOX_RTP_START", cls.rtp_start),
             "rtp_end": _env_int("CONSENT_GATE_SANDBOX_RTP_END", cls.rtp_end),
+            "fastagi_port": _env_int("CONSENT_GATE_SANDBOX_FASTAGI_PORT", cls.fastagi_port),
         }
         values.update(overrides)
         settings = cls(**values)  # type: ignore[arg-type]
@@ -566,6 +570,7 @@ class AsteriskSandbox:
             "AMI_PASSWORD": self.state.ami_password,
             "SIP_PASSWORD": self.state.sip_password,
             "AGI_COMMAND": self.settings.agi_command or str(self.inside_dir / "agi-bin" / "consent-gate-agi"),
+            "FASTAGI_URL": self.fastagi_url,
         }
         for template in sorted(TEMPLATES_DIR.glob("*.conf")):
             target = host / "etc" / template.name
@@ -641,6 +646,11 @@ class AsteriskSandbox:
         except OSError:
             return ""
 
+    @property
+    def fastagi_url(self) -> str:
+        """CONSENT_GATE_AGI for the FastAGI path: the server on loopback, path consent-gate."""
+        return f"agi://127.0.0.1:{self.settings.fastagi_port}/consent-gate"
+
     def cli(self, command: str, timeout: float = 20.0) -> str:
         done = self.provider.run_cli(self.settings, command, timeout)
         if done.returncode != 0:
@@ -683,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="consent-gate-sandbox",
         description="Start, inspect and stop the project's Asterisk 22 sandbox (chroot or docker provider). "
         "Settings come from CONSENT_GATE_SANDBOX_* environment variables (PROVIDER=auto|chroot|docker, "
-        "ROOT, NAME, SIP_PORT, HTTP_PORT, AMI_PORT, RTP_START, RTP_END).",
+        "ROOT, NAME, SIP_PORT, HTTP_PORT, AMI_PORT, RTP_START, RTP_END, FASTAGI_PORT).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="build/reuse the provider, write config, start Asterisk, wait until booted")

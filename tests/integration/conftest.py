@@ -19,7 +19,7 @@ from consent_gate_rig.calls import (
     recording_files,
     sandbox_settings_for_tests,
 )
-from consent_gate_rig.harness import AsteriskLog, GateService
+from consent_gate_rig.harness import AsteriskLog, FastAgiService, GateService
 from consent_gate_rig.sandbox import AsteriskSandbox
 from consent_gate_rig.softphone import Softphone
 
@@ -81,9 +81,27 @@ async def gate_service(asterisk: AsteriskSandbox, pg_dsn: str,
         await service.stop()
 
 
+@pytest.fixture(scope="session")
+async def fastagi_service(gate_service: GateService) -> AsyncIterator[FastAgiService]:
+    service = FastAgiService(gate_service)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
 @pytest.fixture
-async def gate(gate_service: GateService) -> GateService:
-    """The running service (restarted if an earlier test stopped it)."""
+async def fastagi(fastagi_service: FastAgiService) -> FastAgiService:
+    """The running FastAGI server (restarted if an earlier test stopped it)."""
+    await fastagi_service.start()
+    return fastagi_service
+
+
+@pytest.fixture
+async def gate(gate_service: GateService, fastagi: FastAgiService) -> GateService:
+    """The running services -- the ARI service and the FastAGI server -- (restarted if an
+    earlier test stopped one)."""
     await gate_service.start()
     return gate_service
 
@@ -112,7 +130,13 @@ def have_tools() -> None:
             raise RuntimeError(f"{tool} is required by the integration tests (apt-get install {tool})")
 
 
-GATE_EXTENSIONS = {"ari": "200", "agi": "300"}
+# The gate paths every case of the matrix runs on: the ARI service, the AGI script (one process
+# per call) and the FastAGI server (consent-gate-fastagi); extension in the sandbox dialplan.
+GATE_EXTENSIONS = {"ari": "200", "agi": "300", "fastagi": "350"}
+# The AGI paths (features.conf mid-call codes, MixMonitor only while bridged).
+AGI_PATHS = ("agi", "fastagi")
+# What each path writes to the ledger's source column: FastAGI is AGI mode.
+LEDGER_SOURCE = {"ari": "ari", "agi": "agi", "fastagi": "agi"}
 
 
 @pytest.fixture(params=sorted(GATE_EXTENSIONS))
@@ -123,3 +147,8 @@ def gate_path(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def exten(gate_path: str) -> str:
     return GATE_EXTENSIONS[gate_path]
+
+
+@pytest.fixture
+def ledger_source(gate_path: str) -> str:
+    return LEDGER_SOURCE[gate_path]

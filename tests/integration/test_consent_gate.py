@@ -1,8 +1,9 @@
 """The consent gate through the real Asterisk with real SIP calls, on both paths.
 
-Every test runs twice with identical expectations: through the ARI service (extension 200,
-``Gosub(consent-gate,...)``) and through the AGI script (extension 300,
-``Gosub(consent-gate-agi,...)``).  Every case checks what the caller's choice must and must not
+Every test runs three times with identical expectations: through the ARI service (extension
+200, ``Gosub(consent-gate,...)``), through the AGI script (extension 300,
+``Gosub(consent-gate-agi,...)``) and through the FastAGI server (extension 350, the same
+``Gosub(consent-gate-agi,...)`` with ``CONSENT_GATE_AGI`` an ``agi://`` URL).  Every case checks what the caller's choice must and must not
 cause: a recording only after the consent key, the agent reached in every case but a hangup,
 the ledger telling the truth.
 """
@@ -31,9 +32,11 @@ from consent_gate_rig.calls import (
     run_gate_call,
     wait_until,
 )
-from consent_gate_rig.harness import AsteriskLog, GateService
+from consent_gate_rig.harness import AsteriskLog, FastAgiService, GateService
 from consent_gate_rig.sandbox import AsteriskSandbox
 from consent_gate_rig.softphone import NoIncomingCall
+
+from .conftest import AGI_PATHS
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +67,7 @@ pytestmark = pytest.mark.integration
 async def test_consent_key_records_only_after_the_keypress(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService,
     pg_dsn: str, speech_wav: Path, test_tag: str, recordings_before: set[str], exten: str, gate_path: str,
+    ledger_source: str,
 ) -> None:
     call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, key="1", key_after_prompt=2.0)
     assert call.result.status == "granted"
@@ -91,7 +95,7 @@ async def test_consent_key_records_only_after_the_keypress(
     # The 25 s question is not in it either way: the file is shorter than prompt + speech.
     # ARI mode records from the keypress on; AGI mode only while bridged (MixMonitor's b
     # option: no *0 could be heard while the agent rings), so there the speech comes first.
-    speech_start = 0.0 if gate_path == "agi" else agent_answered - call.keyed_at
+    speech_start = 0.0 if gate_path in AGI_PATHS else agent_answered - call.keyed_at
     caller_speech = audio.segment(samples, rate, speech_start + 0.3, speech_start + 3.0)
     assert audio.rms_dbfs(caller_speech) > -35, "the caller's speech is in the recording"
     # The agent heard the caller too (the bridge works after the gate).
@@ -104,7 +108,7 @@ async def test_consent_key_records_only_after_the_keypress(
     assert event["language"] == "en" and event["purpose"] == "training" and event["legal_basis"] == "consent"
     assert re.fullmatch(r"[0-9a-f]{64}", event["caller_ref"]) and event["caller_number"] is None
     assert event["prompt_started_at"] <= event["decided_at"] <= event["occurred_at"]
-    assert not event["via_journal"] and event["source"] == gate_path
+    assert not event["via_journal"] and event["source"] == ledger_source
 
     # Keypress → MixMonitor start, from Asterisk's own log timestamps (reported, not asserted).
     log_text = asterisk_log.text()
@@ -190,7 +194,7 @@ async def test_invalid_key_then_silence_records_nothing(
 
 async def test_hangup_during_the_prompt_is_logged_as_abandoned(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    test_tag: str, recordings_before: set[str], exten: str, gate_path: str,
+    test_tag: str, recordings_before: set[str], exten: str, ledger_source: str,
 ) -> None:
     await drain_incoming(phones.agent)
     call = await phones.caller.call(phones.uri(exten), headers={"X-Test-Call": test_tag})
@@ -205,7 +209,7 @@ async def test_hangup_during_the_prompt_is_logged_as_abandoned(
         rows: list = []
 
         async def stored() -> bool:
-            rows[:] = await connection.fetch(query, gate_path, since - 1)
+            rows[:] = await connection.fetch(query, ledger_source, since - 1)
             return bool(rows)
 
         with contextlib.suppress(TimeoutError):  # the count below says what was missing
@@ -233,10 +237,14 @@ def agi_script_broken(asterisk: AsteriskSandbox) -> Iterator[None]:
 
 async def test_gate_down_means_unavailable_and_the_call_goes_on(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService,
-    test_tag: str, recordings_before: set[str], exten: str, gate_path: str,
+    fastagi: FastAgiService, test_tag: str, recordings_before: set[str], exten: str, gate_path: str,
 ) -> None:
+    """The ARI service stopped, the AGI script not executable, the FastAGI server stopped
+    (AGI() cannot connect: AGISTATUS=FAILURE): "unavailable" at once, the call goes on."""
     if gate_path == "ari":
         await gate.stop()
+    if gate_path == "fastagi":
+        await fastagi.stop()
     try:
         with agi_script_broken(asterisk) if gate_path == "agi" else contextlib.nullcontext():
             started = time.monotonic()
@@ -250,19 +258,25 @@ async def test_gate_down_means_unavailable_and_the_call_goes_on(
         assert recording_files(asterisk) == recordings_before
     finally:
         await gate.start()
+        await fastagi.start()
 
 
 # -- AGI mode: caller data reaches the script's environment only without control characters --
 
+# 310: the AGI script, 360: the FastAGI server (the same dialplan check guards both).
+CALLER_NAME_EXTENSIONS = pytest.mark.parametrize("exten", ["310", "360"], ids=["agi", "fastagi"])
+
+
+@CALLER_NAME_EXTENSIONS
 async def test_agi_caller_name_with_a_line_break_is_refused_at_the_gate(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    test_tag: str, recordings_before: set[str],
+    test_tag: str, recordings_before: set[str], exten: str,
 ) -> None:
     """A caller name from a lookup with a line break in it (extension 310 turns "~" in
     X-Test-Name into one) would reach res_agi as ``agi_calleridname: Eve`` plus a second
     ``agi_uniqueid`` line.  The gate refuses it before the script runs: "unavailable", never
     asked, never recorded, and the call goes on to the agent."""
-    call = await run_gate_call(phones, asterisk_log, test_tag, exten="310", result_timeout=10,
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, result_timeout=10,
                                headers={"X-Test-Name": "Eve~agi_uniqueid: 1.2"}, answered_by_gate=False)
     assert (call.result.status, call.result.consent_id, call.result.recording_id) == ("unavailable", "", "")
     log_text = asterisk_log.text()
@@ -279,10 +293,12 @@ async def test_agi_caller_name_with_a_line_break_is_refused_at_the_gate(
         await connection.close()
 
 
+@CALLER_NAME_EXTENSIONS
 async def test_agi_danish_caller_name_is_asked_as_usual(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, test_tag: str,
+    exten: str,
 ) -> None:
-    call = await run_gate_call(phones, asterisk_log, test_tag, exten="310", key="1",
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, key="1",
                                headers={"X-Test-Name": "Søren Ærø-Åberg (privat)"})
     assert call.result.status == "granted"
     await call.caller.play_silence(1.0)

@@ -29,24 +29,24 @@ from consent_gate_rig.calls import (
     run_gate_call,
     wait_until,
 )
-from consent_gate_rig.harness import AsteriskLog, GateService
+from consent_gate_rig.harness import AsteriskLog, FastAgiService, GateService
 from consent_gate_rig.pgsandbox import PgSandbox
 from consent_gate_rig.sandbox import AsteriskSandbox
 
 pytestmark = pytest.mark.integration
 
 
-def journal_dir(gate_path: str, gate: GateService, asterisk: AsteriskSandbox) -> Path:
-    """Where each path journals: the service's own dir, or the AGI's inside the root."""
-    return gate.journal_dir if gate_path == "ari" else asterisk.host_dir / "journal"
+def journal_dir(gate_path: str, gate: GateService, fastagi: FastAgiService, asterisk: AsteriskSandbox) -> Path:
+    """Where each path journals: each service's own dir, or the AGI script's inside the root."""
+    return {"ari": gate.journal_dir, "fastagi": fastagi.journal_dir}.get(gate_path, asterisk.host_dir / "journal")
 
 
 async def test_database_down_records_nothing_and_loses_no_decision(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService,
-    pg_sandbox: PgSandbox, pg_dsn: str, test_tag: str, recordings_before: set[str],
+    fastagi: FastAgiService, pg_sandbox: PgSandbox, pg_dsn: str, test_tag: str, recordings_before: set[str],
     exten: str, gate_path: str,
 ) -> None:
-    journal = journal_dir(gate_path, gate, asterisk)
+    journal = journal_dir(gate_path, gate, fastagi, asterisk)
     pg_sandbox.stop()
     try:
         call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, key="1", result_timeout=30)
@@ -63,6 +63,7 @@ async def test_database_down_records_nothing_and_loses_no_decision(
 
     if gate_path == "agi":
         # AGI scripts replay at their next start; an admin (or a timer) can replay at once.
+        # (The ARI service and the FastAGI server replay by themselves.)
         subprocess.run([sys.executable, "-m", "consent_gate.cli", "journal", "replay", "--dir", str(journal),
                         "--dsn", pg_dsn], check=True, capture_output=True)
     events: list[dict] = []

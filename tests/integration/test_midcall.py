@@ -86,9 +86,13 @@ async def test_agent_hears_the_notice_and_caller_withdraws(
     assert '"deleted_files": ' in withdrawn["detail"]
 
 
-# ARI mode whispers the agent's notices; AGI mode (300) plays them with Dial's
-# U(consent-gate-agent-notice) before the bridge.
-BOTH_MODES = pytest.mark.parametrize("exten", ["200", "300"], ids=["ari", "agi"])
+# ARI mode whispers the agent's notices; AGI mode (300 the script, 350 FastAGI) plays them with
+# Dial's U(consent-gate-agent-notice) before the bridge.
+BOTH_MODES = pytest.mark.parametrize("exten", ["200", "300", "350"], ids=["ari", "agi", "fastagi"])
+# AGI mode only (features.conf codes): the script and the FastAGI server.
+AGI_MODES = pytest.mark.parametrize("exten", ["300", "350"], ids=["agi", "fastagi"])
+# The legal-obligation extensions with the AGI codes: 312 the script, 362 FastAGI.
+AGI_LEGAL_MODES = pytest.mark.parametrize("exten", ["312", "362"], ids=["agi", "fastagi"])
 
 
 @BOTH_MODES
@@ -217,11 +221,12 @@ async def test_pause_resumes_by_itself_after_the_limit(
 
 # -- AGI mode: the same codes through features.conf (dialplan/consent-gate-features.conf) ---
 
+@AGI_MODES
 async def test_agi_mode_withdrawal_and_pause_through_features(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    speech_wav: Path, test_tag: str,
+    speech_wav: Path, test_tag: str, exten: str,
 ) -> None:
-    call = await run_gate_call(phones, asterisk_log, test_tag, exten="300", key="1")
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, key="1")
     assert call.result.status == "granted"
     await hear_window(call.caller, 4.0)  # the agent's notice before the bridge (U())
     await call.caller.play_wav(speech_wav)
@@ -244,13 +249,14 @@ async def test_agi_mode_withdrawal_and_pause_through_features(
     assert withdrawn["source"] == "agi"
 
 
+@AGI_LEGAL_MODES
 async def test_agi_mode_pause_of_a_legal_obligation_recording(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    test_tag: str,
+    test_tag: str, exten: str,
 ) -> None:
-    """PCI DSS: a recording made by law ("notified", extension 312) is paused for card data
+    """PCI DSS: a recording made by law ("notified", extension 312 / 362) is paused for card data
     like a consented one; the resume appends to the same file."""
-    call = await run_gate_call(phones, asterisk_log, test_tag, exten="312", result_timeout=60)
+    call = await run_gate_call(phones, asterisk_log, test_tag, exten=exten, result_timeout=60)
     assert call.result.status == "notified"
     await asterisk_log.wait_for(r"Begin MixMonitor Recording", 10)
     await hear_window(call.caller, 2.0)
@@ -271,14 +277,15 @@ async def test_agi_mode_pause_of_a_legal_obligation_recording(
 
 # Needs [consent-gate-apply] to play the confirmation with Read() when ARG1 is "agi" (the
 # snippet is in dialplan/README.md "Withdrawal before the bridge"): Playback() hears no key.
+@AGI_MODES
 async def test_agi_mode_withdrawal_during_the_confirmation(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    speech_wav: Path, test_tag: str,
+    speech_wav: Path, test_tag: str, exten: str,
 ) -> None:
     """``*0`` while "this call is recorded" plays (before the bridge, where features.conf does
     not listen): withdrawn, the files deleted, nothing recorded afterwards."""
     await drain_incoming(phones.agent)
-    caller = await phones.caller.call(phones.uri("300"), headers={"X-Test-Call": test_tag})
+    caller = await phones.caller.call(phones.uri(exten), headers={"X-Test-Call": test_tag})
     await caller.wait_answered(10)
     await asterisk_log.wait_for(r"Playing '[^']*/question-training\.", 10)
     await caller.send_dtmf("1")
@@ -298,15 +305,16 @@ async def test_agi_mode_withdrawal_during_the_confirmation(
     assert [e["event"] for e in await ledger_events(pg_dsn, result.consent_id)] == ["granted", "withdrawn"]
 
 
+@AGI_MODES
 @pytest.mark.parametrize("gap", [0.2, 0.6])
 async def test_agi_mode_consent_then_quick_withdrawal_leaves_no_recording(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, pg_dsn: str,
-    speech_wav: Path, test_tag: str, gap: float,
+    speech_wav: Path, test_tag: str, gap: float, exten: str,
 ) -> None:
     """``1``, then ``*0`` ``gap`` s later: whether the code lands while the grant is stored
     (the script hears it) or during the confirmation (apply hears it), nothing is recorded."""
     await drain_incoming(phones.agent)
-    caller = await phones.caller.call(phones.uri("300"), headers={"X-Test-Call": test_tag})
+    caller = await phones.caller.call(phones.uri(exten), headers={"X-Test-Call": test_tag})
     await caller.wait_answered(10)
     await asterisk_log.wait_for(r"Playing '[^']*/question-training\.", 10)
     await caller.send_dtmf("1")

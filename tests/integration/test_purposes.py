@@ -22,7 +22,8 @@ from consent_gate_rig.sandbox import AsteriskSandbox
 
 pytestmark = pytest.mark.integration
 
-EXTENSIONS = {"ari": {"legal": "202", "granular": "203"}, "agi": {"legal": "302", "granular": "303"}}
+EXTENSIONS = {"ari": {"legal": "202", "granular": "203"}, "agi": {"legal": "302", "granular": "303"},
+              "fastagi": {"legal": "352", "granular": "353"}}
 
 
 async def test_legal_obligation_informs_and_records_without_asking(

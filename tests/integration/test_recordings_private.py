@@ -81,7 +81,7 @@ async def ledger_event(dsn: str, consent_id: str) -> dict:
 
 # -- with the drop-in ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("exten", ["200", "300"], ids=["ari", "agi"])
+@pytest.mark.parametrize("exten", ["200", "300", "350"], ids=["ari", "agi", "fastagi"])
 async def test_with_the_drop_in_umask_recordings_are_0600(
     asterisk: AsteriskSandbox, asterisk_log: AsteriskLog, phones: Phones, gate: GateService, test_tag: str,
     recordings_before: set[str], exten: str,

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 
 from consent_gate_rig.calls import Phones, finish, ledger_events, recording_files, run_gate_call
-from consent_gate_rig.harness import SANDBOX_PURPOSES, AsteriskLog, GateService
+from consent_gate_rig.harness import SANDBOX_PURPOSES, AsteriskLog, FastAgiService, GateService
 from consent_gate_rig.pgsandbox import PgSandbox
 from consent_gate_rig.sandbox import AsteriskSandbox
 
@@ -65,7 +65,7 @@ def test_the_wheel_holds_the_product_and_no_rig(installed: Path) -> None:
                    "consent_gate/prompts/sounds/da/question-training.wav",
                    "consent_gate/prompts/sounds/en/question-training.wav",
                    "consent_gate/prompts/texts/en/question-training.txt", "consent_gate/agi/script.py",
-                   "consent_gate/ari/main.py"):
+                   "consent_gate/agi/session.py", "consent_gate/agi/fastagi.py", "consent_gate/ari/main.py"):
         assert needed in names, needed
     assert not [n for n in names if "rig" in n.split("/") or "softphone" in n or "sandbox" in n or n.startswith("tests/")]
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
@@ -153,3 +153,38 @@ async def test_the_installed_service_checks_its_config_and_serves_a_real_call(
     finally:
         await service.stop()
         await gate_service.start()
+
+
+async def test_the_installed_fastagi_server_checks_its_config_and_serves_a_real_call(
+    installed: Path, pg_sandbox: PgSandbox, asterisk: AsteriskSandbox, asterisk_log: AsteriskLog,
+    phones: Phones, gate_service: GateService, fastagi_service: FastAgiService, tmp_path: Path, test_tag: str,
+) -> None:
+    dsn = await pg_sandbox.new_database("cg_wheel")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert run([str(installed / "consent-gate"), "db", "migrate", "--dsn", dsn], cwd=elsewhere).returncode == 0
+    owner = GateService(asterisk, dsn, tmp_path / "service", hmac_key=gate_service.hmac_key)
+    server = FastAgiService(owner, command=[str(installed / "consent-gate-fastagi")])
+    server.work_dir.mkdir(parents=True)
+    env = {key: value for key, value in server.env().items() if key != "PYTHONPATH"}
+    config = server.work_dir / "consent-gate.toml"
+    config.write_text(SANDBOX_PURPOSES)
+    owner.config_path = config
+    checked = run([str(installed / "consent-gate-fastagi"), "--config", str(config), "--check-config"],
+                  cwd=elsewhere, env=env, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # One FastAGI port: the session's server steps aside for the installed one.
+    await fastagi_service.stop()
+    try:
+        await server.start()
+        call = await run_gate_call(phones, asterisk_log, test_tag, exten="350", key="1", key_after_prompt=1.0)
+        await finish(call)
+        assert call.result.status == "granted", server.log_tail()
+        assert [e["event"] for e in await ledger_events(dsn, call.result.consent_id)][:1] == ["granted"]
+        assert await ledger_events(gate_service.dsn, call.result.consent_id) == []
+        assert server.process is not None
+        assert str(installed / "consent-gate-fastagi") in Path(f"/proc/{server.process.pid}/cmdline").read_text()
+    finally:
+        await server.stop()
+        await fastagi_service.start()

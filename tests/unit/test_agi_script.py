@@ -1,13 +1,16 @@
-"""consent-gate-agi without Asterisk: the real entry point as a subprocess on pipes, exactly as
-Asterisk runs it.  The test plays Asterisk's side of the AGI protocol: it writes the AGI
-environment, reads each command the script writes to stdout, checks it, and answers with
-scripted replies (``200 result=49`` for key "1", ``200 result=0`` for a timeout,
-``200 result=-1`` / ``HANGUP`` / end of input for a hangup).  Decisions land in the real
-PostgreSQL ledger of the ``pg_dsn`` fixture.
+"""The AGI gate without Asterisk, on both transports: ``script`` runs the real consent-gate-agi
+entry point as a subprocess on pipes, exactly as Asterisk runs it; ``fastagi`` runs the real
+consent-gate-fastagi server as a process and opens one TCP connection per session, as
+``AGI(agi://...)`` does.  The test plays Asterisk's side of the AGI protocol: it writes the AGI
+environment, reads each command the gate writes, checks it, and answers with scripted replies
+(``200 result=49`` for key "1", ``200 result=0`` for a timeout, ``200 result=-1`` / ``HANGUP`` /
+end of input for a hangup).  Every behaviour test runs on both with the same expectations.
+Decisions land in the real PostgreSQL ledger of the ``pg_dsn`` fixture.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -16,11 +19,13 @@ import os
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,20 +47,21 @@ DISCARD = "WAIT FOR DIGIT 10"  # AgiPort.discard_keys before each purpose's ques
 
 
 
-def _entry_point() -> list[str]:
-    """The installed console script, as Asterisk's AGI() would run it."""
-    beside = Path(sys.executable).with_name("consent-gate-agi")
-    found = str(beside) if beside.exists() else shutil.which("consent-gate-agi")
-    assert found, "consent-gate-agi is not installed (pip install -e .)"
+def _entry_point(name: str = "consent-gate-agi") -> list[str]:
+    """The installed console script, as Asterisk's AGI() (or systemd, for the server) would run it."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"{name} is not installed (pip install -e .)"
     return [found]
 
 
 @dataclass
 class AgiSession:
-    """Asterisk's end of one AGI session."""
+    """Asterisk's end of one AGI session: the script's pipes, or one FastAGI connection."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None
     stderr_path: Path
+    sock: socket.socket | None = None
     commands: list[str] = field(default_factory=list)
     listened: int = 0
     discarded: int = 0
@@ -65,13 +71,18 @@ class AgiSession:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            self._lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
+        stream = self.process.stdout if self.process is not None else self.sock.makefile("rb")  # type: ignore[union-attr]
+        assert stream is not None
+        with contextlib.suppress(OSError):
+            for raw in stream:
+                self._lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
         self._lines.put(None)
 
     def send(self, text: str) -> None:
-        assert self.process.stdin is not None
+        if self.sock is not None:
+            self.sock.sendall(text.encode())
+            return
+        assert self.process is not None and self.process.stdin is not None
         self.process.stdin.write(text.encode())
         self.process.stdin.flush()
 
@@ -117,11 +128,25 @@ class AgiSession:
 
     def hang_up_pipe(self) -> None:
         """Asterisk closes the script's stdin (the channel and the AGI are gone)."""
-        assert self.process.stdin is not None
+        if self.sock is not None:
+            self.sock.shutdown(socket.SHUT_WR)
+            return
+        assert self.process is not None and self.process.stdin is not None
         self.process.stdin.close()
 
     def finish(self) -> tuple[int, list[str]]:
-        """Wait for the script to exit; return its exit code and any commands it still wrote."""
+        """Wait for the script to exit (FastAGI: for the server to close the connection); return
+        its exit code (0 for a closed connection) and any commands it still wrote."""
+        if self.sock is not None:
+            rest = []
+            try:
+                while (line := self._lines.get(timeout=STEP_TIMEOUT)) is not None:
+                    rest.append(line)
+            except queue.Empty:
+                raise AssertionError(f"the FastAGI server did not close the session; commands {self.commands}") from None
+            self.sock.close()
+            return 0, rest
+        assert self.process is not None
         try:
             code = self.process.wait(timeout=STEP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -142,29 +167,74 @@ class AgiRig:
     config: Path
     journal: Path
     env: dict[str, str]
+    transport: str = "script"  # or "fastagi"
+    server: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    @property
+    def server_log(self) -> Path:
+        return self.config.parent / "fastagi.log"
 
     def start(self, purpose: str = "training", *, call_id: str, number: str = "+4520304050",
               language: str = "en", name: str = "Test Caller", raw_environment: str | None = None) -> AgiSession:
-        stderr_path = self.config.parent / f"{call_id}.stderr"
-        with open(stderr_path, "wb") as stderr:
-            process = subprocess.Popen(
-                _entry_point() + [purpose], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                env=self.env, cwd=self.config.parent,
-            )
-        session = AgiSession(process, stderr_path)
-        # The environment Asterisk 22 writes first (res_agi), then a blank line.
+        network = self.transport == "fastagi"
         if raw_environment is None:
-            raw_environment = agi_environment(purpose, call_id=call_id, number=number, language=language, name=name)
+            raw_environment = agi_environment(purpose, call_id=call_id, number=number, language=language, name=name,
+                                              network=network)
+        if network:
+            self._start_server()
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=STEP_TIMEOUT)
+            sock.settimeout(None)
+            session = AgiSession(None, self.server_log, sock=sock)
+        else:
+            stderr_path = self.config.parent / f"{call_id}.stderr"
+            with open(stderr_path, "wb") as stderr:
+                process = subprocess.Popen(
+                    _entry_point() + [purpose], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                    env=self.env, cwd=self.config.parent,
+                )
+            session = AgiSession(process, stderr_path)
+        # The environment Asterisk 22 writes first (res_agi), then a blank line.
         session.send(raw_environment)
         return session
 
+    def _start_server(self) -> None:
+        """consent-gate-fastagi as systemd would run it, on a free loopback port it picks itself."""
+        if self.server is not None:
+            return
+        env = dict(self.env, CONSENT_GATE_FASTAGI_LISTEN="127.0.0.1:0")
+        with open(self.server_log, "wb") as log:
+            self.server = subprocess.Popen(_entry_point("consent-gate-fastagi") + ["--config", str(self.config)],
+                                           stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while time.monotonic() < deadline:
+            started = re.search(r'"listen": "127\.0\.0\.1:([0-9]+)"', self.server_log.read_text(errors="replace"))
+            if started:
+                self.port = int(started[1])
+                return
+            if self.server.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"consent-gate-fastagi did not start:\n{self.server_log.read_text(errors='replace')}")
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.terminate()
+            try:
+                self.server.wait(15)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait(5)
+            self.server = None
+
 
 def agi_environment(purpose: str, *, call_id: str, number: str = "+4520304050", language: str = "en",
-                    name: str = "Test Caller") -> str:
+                    name: str = "Test Caller", network: bool = False) -> str:
     """What res_agi writes (the key set and order of a real Asterisk 22.10 session), values
-    written as res_agi writes them: as they are, nothing escaped."""
+    written as res_agi writes them: as they are, nothing escaped.  FastAGI (``network``) starts
+    with ``agi_network`` and the URL's path, and ``agi_request`` is the URL."""
     environment = {
-        "agi_request": "/usr/local/bin/consent-gate-agi",
+        "agi_request": "agi://127.0.0.1:4573/consent-gate" if network else "/usr/local/bin/consent-gate-agi",
         "agi_channel": "PJSIP/caller-00000001",
         "agi_language": language,
         "agi_type": "PJSIP",
@@ -186,15 +256,39 @@ def agi_environment(purpose: str, *, call_id: str, number: str = "+4520304050", 
         "agi_threadid": "139816155580096",
         "agi_arg_1": purpose,
     }
-    return "".join(f"{key}: {value}\n" for key, value in environment.items()) + "\n"
+    head = "agi_network: yes\nagi_network_script: consent-gate\n" if network else ""
+    return head + "".join(f"{key}: {value}\n" for key, value in environment.items()) + "\n"
+
+
+TRANSPORTS = ["script", "fastagi"]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture
-def agi_rig(pg_dsn: str, tmp_path: Path) -> AgiRig:
-    return _rig(pg_dsn, tmp_path)
+def make_rig(transport: str) -> Iterator[Callable[[str, Path], AgiRig]]:
+    """A rig for the test's transport; a FastAGI server it starts is stopped afterwards."""
+    rigs: list[AgiRig] = []
+
+    def make(dsn: str, tmp_path: Path) -> AgiRig:
+        rig = _rig(dsn, tmp_path, transport)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
 
 
-def _rig(dsn: str, tmp_path: Path) -> AgiRig:
+@pytest.fixture
+def agi_rig(make_rig: Callable[[str, Path], AgiRig], pg_dsn: str, tmp_path: Path) -> AgiRig:
+    return make_rig(pg_dsn, tmp_path)
+
+
+def _rig(dsn: str, tmp_path: Path, transport: str = "script") -> AgiRig:
     journal = tmp_path / "journal"
     config = tmp_path / "consent-gate.toml"
     recordings = tmp_path / "recordings"  # the script refuses to start unless it is private
@@ -206,7 +300,7 @@ def _rig(dsn: str, tmp_path: Path) -> AgiRig:
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONSENT_GATE_")}
     env.update(CONSENT_GATE_CONFIG=str(config), CONSENT_GATE_HMAC_KEY=HMAC_KEY)
-    return AgiRig(config, journal, env)
+    return AgiRig(config, journal, env, transport)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -369,10 +463,10 @@ async def test_unknown_purpose_sends_no_command(agi_rig: AgiRig, ledger_rows) ->
     assert await ledger_rows(call_id) == []
 
 
-async def test_database_down_fails_closed_and_journals(tmp_path: Path) -> None:
+async def test_database_down_fails_closed_and_journals(make_rig: Callable[[str, Path], AgiRig], tmp_path: Path) -> None:
     """Key '1' pressed while PostgreSQL is unreachable: nothing may be recorded, and the
     journal gets the truth (the caller pressed the key, the gate was unavailable)."""
-    rig = _rig("postgresql://consent_gate@127.0.0.1:1/consent_gate", tmp_path)
+    rig = make_rig("postgresql://consent_gate@127.0.0.1:1/consent_gate", tmp_path)
     call_id = _call_id()
     session = rig.start(call_id=call_id)
     _answer(session)
@@ -401,14 +495,14 @@ async def test_caller_records_from_the_menu_is_in_the_agent_notice(agi_rig: AgiR
 
 
 async def test_legal_obligation_without_an_agent_prompt_still_hands_back_notified(
-    pg_dsn: str, tmp_path: Path, ledger_rows
+    make_rig: Callable[[str, Path], AgiRig], pg_dsn: str, tmp_path: Path, ledger_rows
 ) -> None:
     """A purpose shipped without an agent notice prompt: the notice is left out, the decision
     is handed back and the script exits 0 (a failing script would make the dialplan drop the
     result, and with it a legally required recording)."""
     from consent_gate_rig.harness import SANDBOX_PURPOSES
 
-    rig = _rig(pg_dsn, tmp_path)
+    rig = make_rig(pg_dsn, tmp_path)
     rig.config.write_text(rig.config.read_text() + SANDBOX_PURPOSES)
     call_id = _call_id()
     session = rig.start("securities", call_id=call_id)
@@ -424,7 +518,12 @@ async def test_legal_obligation_without_an_agent_prompt_still_hands_back_notifie
 
 # -- the AGI environment: a caller name must not rewrite it (res_agi escapes nothing) ----------
 
-def _hostile_environment(kind: str, call_id: str) -> str:
+_environment = agi_environment
+
+def _hostile_environment(kind: str, call_id: str, network: bool) -> str:
+    def agi_environment(*args: str, **kwargs: str) -> str:
+        return _environment(*args, **kwargs, network=network)  # type: ignore[arg-type]
+
     clean = agi_environment("training", call_id=call_id)
     if kind == "newline rewrites agi_uniqueid":
         return agi_environment("training", call_id=call_id, name="Eve\nagi_uniqueid: 1.2")
@@ -452,7 +551,8 @@ async def test_a_tampered_environment_is_refused_before_any_command(agi_rig: Agi
     store a ``granted`` the caller never gave).  The script refuses such a session: no
     command, no ledger row; the dialplan's CONSENT_STATUS stays "unavailable"."""
     call_id = _call_id()
-    session = agi_rig.start(call_id=call_id, raw_environment=_hostile_environment(kind, call_id))
+    session = agi_rig.start(call_id=call_id,
+                            raw_environment=_hostile_environment(kind, call_id, agi_rig.transport == "fastagi"))
     if kind == "environment cut short":
         session.hang_up_pipe()
     code, rest = session.finish()
@@ -476,11 +576,11 @@ async def test_a_danish_caller_name_is_fine(agi_rig: AgiRig, ledger_rows) -> Non
 async def test_discard_keys_drops_queued_keys_then_stops() -> None:
     from asterisk.agi import AGI
 
-    from consent_gate.agi.script import AgiPort
+    from consent_gate.agi.script import AgiPort, Pyst2Commands
 
     replies = io.StringIO("\n" + "200 result=49\n200 result=42\n200 result=0\n" + "200 result=50\n")
     commands = io.StringIO()
-    port = AgiPort(AGI(stdin=replies, stdout=commands, stderr=io.StringIO()))
+    port = AgiPort(Pyst2Commands(AGI(stdin=replies, stdout=commands, stderr=io.StringIO())))
     await port.discard_keys()
     # WAIT FOR DIGIT 0 would read nothing: Asterisk's wait loop runs only while time is left.
     assert commands.getvalue().splitlines() == ["WAIT FOR DIGIT 10"] * 3
@@ -491,11 +591,12 @@ async def test_discard_keys_drops_queued_keys_then_stops() -> None:
 async def test_discard_keys_is_bounded() -> None:
     from asterisk.agi import AGI
 
-    from consent_gate.agi.script import MAX_DISCARDED_KEYS, AgiPort
+    from consent_gate.agi.script import AgiPort, Pyst2Commands
+    from consent_gate.agi.session import MAX_DISCARDED_KEYS
 
     replies = io.StringIO("\n" + "200 result=49\n" * (MAX_DISCARDED_KEYS + 5))
     commands = io.StringIO()
-    await AgiPort(AGI(stdin=replies, stdout=commands, stderr=io.StringIO())).discard_keys()
+    await AgiPort(Pyst2Commands(AGI(stdin=replies, stdout=commands, stderr=io.StringIO()))).discard_keys()
     assert len(commands.getvalue().splitlines()) == MAX_DISCARDED_KEYS
 
 
@@ -733,3 +834,22 @@ async def test_other_keys_heard_while_storing_change_nothing(agi_rig: AgiRig, le
     session.expect(r'SET VARIABLE "__CONSENT_AGENT_NOTICE" ".*"', "200 result=1")
     assert session.finish() == (0, [])
     assert [r["event"] for r in await ledger_rows(call_id)] == ["granted"]
+
+
+async def test_a_resume_once_the_recordings_directory_is_no_longer_private_records_nothing(
+    pg_dsn: str, tmp_path: Path, ledger_rows
+) -> None:
+    """The FastAGI server checked the directory when it started; a resume may come hours later
+    (the script checks at its own start, per call): it refuses MixMonitor then too."""
+    rig = _rig(pg_dsn, tmp_path, "fastagi")
+    try:
+        channel, _, _ = _recorded_channel(rig, CONSENT_PAUSED_AT="2026-12-01T10:00:00+00:00")
+        rig._start_server()  # while the directory is private
+        (tmp_path / "recordings").chmod(0o750)
+        session, call_id = _midcall(rig, "midcall-resume-agent")
+        assert channel.serve(session) == 0, session.stderr()
+        assert "MixMonitor" not in [app for app, _ in channel.executed]
+        assert await ledger_rows(call_id) == [], "a resume that did not happen is not logged"
+        assert "consent.resume_refused" in session.stderr()
+    finally:
+        rig.close()

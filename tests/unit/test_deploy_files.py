@@ -21,6 +21,7 @@ from consent_gate.ledger.store import SQL_DIR
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "consent-gate.example.toml"
 UNIT = ROOT / "deploy" / "consent-gate-ari.service"
+FASTAGI_UNIT = ROOT / "deploy" / "consent-gate-fastagi.service"
 SECRET_ENV = {"CONSENT_GATE_HMAC_KEY": "k" * 32, "CONSENT_GATE_ARI_PASSWORD": "test-password"}
 
 
@@ -169,10 +170,11 @@ def test_the_tools_never_run_as_asterisk_and_have_their_own_database_role() -> N
     # The shared DSN names no user, so each unit's own role applies.
     dsn = tomllib.loads(EXAMPLE.read_text())["ledger"]["dsn"]
     assert "@" not in dsn and "user=" not in dsn
-    # Of deploy/'s units only the gate runs as asterisk, and only the tools load the admin credential.
+    # Of deploy/'s units only the gate (ARI service, FastAGI server) runs as asterisk, and only the
+    # tools load the admin credential.
     for path in sorted((ROOT / "deploy").glob("*.service")):
         unit = _unit(path)
-        assert (unit.get("User") == ["asterisk"]) == (path == UNIT), path.name
+        assert (unit.get("User") == ["asterisk"]) == (path in (UNIT, FASTAGI_UNIT)), path.name
         admin = [c for c in unit.get("LoadCredential", []) if "admin-pgpass" in c]
         assert bool(admin) == (path in TOOL_UNITS), path.name
 
@@ -332,3 +334,28 @@ def test_asterisk_drop_in_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 def test_example_recordings_dir_is_the_units_and_owned_by_asterisk() -> None:
     settings = load_settings(EXAMPLE, env=SECRET_ENV)
     assert settings.recordings_owner == "asterisk" and settings.api_allow_remote is False
+
+
+
+def test_fastagi_unit_is_hardened_and_holds_only_the_hmac_key() -> None:
+    unit, gate = _unit(FASTAGI_UNIT), _unit(UNIT)
+    for key in ("ProtectSystem", "UMask", "NoNewPrivileges", "User", "Group", "CapabilityBoundingSet",
+                "AmbientCapabilities", "ReadWritePaths", "StateDirectory", "IPAddressDeny", "IPAddressAllow",
+                "SystemCallFilter", "MemoryDenyWriteExecute"):
+        assert unit[key] == gate[key], key
+    # AGI does everything on the channel: no ARI password, no AMI secret.
+    assert [value.split(":", 1)[0] for value in unit["LoadCredential"]] == ["hmac-key"]
+    assert unit["Environment"] == ["CONSENT_GATE_HMAC_KEY_FILE=%d/hmac-key"]
+    assert unit["ExecStartPre"] == ["/usr/local/bin/consent-gate-fastagi --config /etc/consent-gate/consent-gate.toml "
+                                    "--check-config"]
+    assert unit["ExecStart"] == ["/usr/local/bin/consent-gate-fastagi --config /etc/consent-gate/consent-gate.toml"]
+
+
+def test_fastagi_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    entry = shutil.which("consent-gate-fastagi") or str(Path(sys.executable).with_name("consent-gate-fastagi"))
+    assert Path(entry).exists(), "consent-gate-fastagi is not installed (pip install -e .)"
+    copy = tmp_path / "consent-gate-fastagi.service"
+    copy.write_text(FASTAGI_UNIT.read_text().replace("/usr/local/bin/consent-gate-fastagi", entry))
+    done = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "consent-gate-fastagi.service" not in done.stderr, done.stderr
