@@ -6,9 +6,11 @@ directory and data directory are private to the instance; only 127.0.0.1 is list
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -40,6 +42,8 @@ class PgSandbox:
     port: int = 25432
     database: str = "consent_gate"
     user: str = "consent_gate"
+    # More server options (``-c name=value ...``), e.g. a replication primary's.
+    extra_options: str = ""
 
     @property
     def data_dir(self) -> Path:
@@ -106,6 +110,8 @@ class PgSandbox:
             f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 "
             "-c fsync=on -c max_connections=200 -c shared_buffers=64MB"
         )
+        if self.extra_options:
+            options += " " + self.extra_options
         self._run(
             [str(pg_bin / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.base_dir / "postgres.log"),
              "-o", options, "-w", "-t", "60", "start"],
@@ -125,6 +131,12 @@ class PgSandbox:
             self._psql(pg_bin, f"CREATE ROLE {self.user} LOGIN")
         if not self._psql(pg_bin, f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'").strip():
             self._psql(pg_bin, f"CREATE DATABASE {self.database} OWNER {self.user}")
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
 
     def is_running(self) -> bool:
         pg_bin = find_pg_bin()
@@ -154,4 +166,118 @@ class PgSandbox:
 
     def destroy(self) -> None:
         self.stop("immediate")
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class PgCluster:
+    """A primary and a streaming-replication standby with synchronous commit (loopback only).
+
+    The primary waits for the standby to flush every commit (``synchronous_standby_names``), so
+    an acknowledged write survives losing the primary.  ``kill_primary`` SIGKILLs the primary's
+    postmaster and its backends (no shutdown, no goodbye to the clients); ``promote`` makes the
+    standby the primary (``pg_ctl promote``), as Patroni would.  The standby runs without
+    synchronous standbys of its own, so once promoted it commits alone.
+    """
+
+    base_dir: Path
+    primary_port: int
+    standby_port: int
+    standby_name: str = "standby1"
+    database: str = "consent_gate"
+    user: str = "consent_gate"
+
+    def __post_init__(self) -> None:
+        self.primary = PgSandbox(
+            self.base_dir / "primary", port=self.primary_port, database=self.database, user=self.user,
+            extra_options="-c wal_level=replica -c max_wal_senders=5 -c synchronous_commit=on")
+        self.standby = PgSandbox(self.base_dir / "standby", port=self.standby_port, database=self.database,
+                                 user=self.user, extra_options="-c hot_standby=on")
+
+    @property
+    def dsn(self) -> str:
+        """Both hosts; libpq and asyncpg connect to whichever one accepts writes."""
+        return (f"postgresql://{self.user}@127.0.0.1:{self.primary_port},127.0.0.1:{self.standby_port}"
+                f"/{self.database}?target_session_attrs=read-write")
+
+    def start(self, timeout: float = 60) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.primary._chown(self.base_dir)
+        self.primary.start()
+        pg_bin = find_pg_bin()
+        standby = self.standby
+        if not (standby.data_dir / "PG_VERSION").exists():
+            for directory in (standby.base_dir, standby.socket_dir):
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                standby._chown(directory)
+            standby._run(
+                [str(pg_bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary_port), "-U", "postgres",
+                 "-D", str(standby.data_dir), "-X", "stream", "-R", "--no-sync", "--checkpoint=fast"],
+                "pg_basebackup", timeout=timeout,
+            )
+            # -R wrote standby.signal and a primary_conninfo; this one names the standby, which
+            # is how synchronous_standby_names recognises it.  A later line wins.
+            with open(standby.data_dir / "postgresql.auto.conf", "a") as conf:
+                conf.write(f"primary_conninfo = 'host=127.0.0.1 port={self.primary_port} user=postgres "
+                           f"application_name={self.standby_name}'\n")
+        standby.start()
+        # Only now (a commit would wait for a standby that is not there yet), and only on the
+        # primary (its postgresql.auto.conf, written after the base backup was taken).
+        self.primary._psql(pg_bin, f"ALTER SYSTEM SET synchronous_standby_names = '{self.standby_name}'")
+        self.primary._psql(pg_bin, "SELECT pg_reload_conf()")
+        self.wait_synchronous(timeout)
+
+    def sync_state(self) -> str:
+        return self.primary._psql(
+            find_pg_bin(),
+            f"SELECT sync_state FROM pg_stat_replication WHERE application_name = '{self.standby_name}'").strip()
+
+    def wait_synchronous(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.sync_state() != "sync":
+            if time.monotonic() > deadline:
+                raise PgSandboxError(f"the standby on port {self.standby_port} is not a synchronous standby "
+                                     f"after {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def kill_primary(self) -> None:
+        """Lose the primary at once: SIGKILL its postmaster and every backend."""
+        pid = self.primary.postmaster_pid()
+        if pid is None:
+            raise PgSandboxError("the primary is not running")
+        children = _children(pid)
+        for victim in (pid, *children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{victim}").exists() for victim in (pid, *children)):
+            if time.monotonic() > deadline:
+                raise PgSandboxError(f"the primary's processes survived SIGKILL: {pid} {children}")
+            time.sleep(0.05)
+
+    def promote(self, timeout: float = 60) -> None:
+        self.standby._run([str(find_pg_bin() / "pg_ctl"), "-D", str(self.standby.data_dir), "-w",
+                           "-t", str(int(timeout)), "promote"], "pg_ctl promote", timeout=timeout + 5)
+
+    def is_in_recovery(self, sandbox: PgSandbox) -> bool:
+        return sandbox._psql(find_pg_bin(), "SELECT pg_is_in_recovery()").strip() == "t"
+
+    def destroy(self) -> None:
+        for sandbox in (self.standby, self.primary):
+            with contextlib.suppress(PgSandboxError, subprocess.SubprocessError):
+                sandbox.stop("immediate")
         shutil.rmtree(self.base_dir, ignore_errors=True)
