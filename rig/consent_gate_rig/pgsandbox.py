@@ -169,7 +169,7 @@ class PgSandbox:
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -259,7 +259,7 @@ class PgCluster:
         pid = self.primary.postmaster_pid()
         if pid is None:
             raise PgSandboxError("the primary is not running")
-        children = _children(pid)
+        children = child_pids(pid)
         for victim in (pid, *children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
