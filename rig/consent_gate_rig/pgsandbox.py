@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,4 +281,177 @@ class PgCluster:
         for sandbox in (self.standby, self.primary):
             with contextlib.suppress(PgSandboxError, subprocess.SubprocessError):
                 sandbox.stop("immediate")
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+PATRONI_YAML = """\
+scope: {scope}
+name: {name}
+restapi: {{listen: "127.0.0.1:{rest}", connect_address: "127.0.0.1:{rest}"}}
+etcd: {{host: "127.0.0.1:{etcd}"}}
+bootstrap:
+  dcs:
+    ttl: 10
+    loop_wait: 1
+    retry_timeout: 4
+    synchronous_mode: true
+    postgresql:
+      use_pg_rewind: false
+      parameters: {{wal_level: replica, max_wal_senders: 5, synchronous_commit: "on", fsync: "on",
+                   max_connections: 200, shared_buffers: 64MB}}
+  initdb: [{{encoding: UTF8}}, {{locale: C}}, {{auth: trust}}]
+postgresql:
+  listen: "127.0.0.1:{port}"
+  connect_address: "127.0.0.1:{port}"
+  data_dir: "{data}"
+  bin_dir: "{bin}"
+  pgpass: "{base}/pgpass"
+  basebackup: [{{checkpoint: fast}}]   # else the standby's base backup waits for a spread checkpoint
+  parameters: {{unix_socket_directories: "{socket}"}}
+  authentication:
+    superuser: {{username: postgres}}
+    replication: {{username: postgres}}
+  pg_hba: ["local all all trust", "host all all 127.0.0.1/32 trust", "host replication all 127.0.0.1/32 trust"]
+"""
+
+
+@dataclass
+class PatroniCluster:
+    """The same primary + synchronous standby, but run and promoted by Patroni (Debian packages
+    ``patroni`` and ``etcd-server``): one etcd member, two Patroni members, loopback only.
+
+    ``synchronous_mode: true`` (Patroni manages synchronous_standby_names); not
+    ``synchronous_mode_strict``, which with one standby would leave the promoted primary unable
+    to commit at all (docs/deployment.md: production runs two standbys with strict mode).
+    ``kill_primary`` SIGKILLs the leader's Patroni and PostgreSQL; ``promote`` waits until
+    Patroni has promoted the standby (the leader key's TTL, 10 s here, then the promotion).
+    Ports: the primary's and the standby's PostgreSQL as given, their REST APIs + 2, etcd's
+    client and peer ports + 4 and + 5 from the primary's.
+    """
+
+    base_dir: Path
+    primary_port: int
+    standby_port: int
+    database: str = "consent_gate"
+    user: str = "consent_gate"
+    scope: str = "consent-gate-rig"
+
+    def __post_init__(self) -> None:
+        self.primary = PgSandbox(self.base_dir / "pg1", port=self.primary_port, database=self.database, user=self.user)
+        self.standby = PgSandbox(self.base_dir / "pg2", port=self.standby_port, database=self.database, user=self.user)
+        self.etcd_port = self.primary_port + 4
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def dsn(self) -> str:
+        return (f"postgresql://{self.user}@127.0.0.1:{self.primary_port},127.0.0.1:{self.standby_port}"
+                f"/{self.database}?target_session_attrs=read-write")
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("patroni") is not None and shutil.which("etcd") is not None
+
+    def _spawn(self, key: str, cmd: list[str], log: Path) -> None:
+        with open(log, "ab") as out:
+            self._processes[key] = subprocess.Popen(
+                self.primary._as_owner(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+
+    def _member(self, key: str, sandbox: PgSandbox) -> None:
+        for directory in (sandbox.base_dir, sandbox.socket_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            sandbox._chown(directory)
+        config = sandbox.base_dir / "patroni.yml"
+        config.write_text(PATRONI_YAML.format(
+            scope=self.scope, name=key, rest=sandbox.port + 2, etcd=self.etcd_port, port=sandbox.port,
+            data=sandbox.data_dir, bin=find_pg_bin(), base=sandbox.base_dir, socket=sandbox.socket_dir))
+        sandbox._chown(config)
+        self._spawn(key, ["patroni", str(config)], sandbox.base_dir / "patroni.log")
+
+    def _wait(self, what: str, predicate: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if predicate():
+                    return
+            except (PgSandboxError, subprocess.SubprocessError):
+                pass
+            for key, process in self._processes.items():
+                if process.poll() is not None and key != "killed":
+                    raise PgSandboxError(f"{key} exited ({process.returncode}) while waiting for {what}; "
+                                         f"see {self.base_dir}")
+            if time.monotonic() > deadline:
+                raise PgSandboxError(f"{what}: not within {timeout:.0f} s (logs in {self.base_dir})")
+            time.sleep(0.2)
+
+    def start(self, timeout: float = 90) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.primary._chown(self.base_dir)
+        etcd_dir = self.base_dir / "etcd"
+        etcd_dir.mkdir(mode=0o700, exist_ok=True)
+        self.primary._chown(etcd_dir)
+        client, peer = f"http://127.0.0.1:{self.etcd_port}", f"http://127.0.0.1:{self.etcd_port + 1}"
+        self._spawn("etcd", ["etcd", "--name", "rig", "--data-dir", str(etcd_dir / "data"),
+                             "--listen-client-urls", client, "--advertise-client-urls", client,
+                             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                             "--initial-cluster", f"rig={peer}", "--enable-v2=true"], self.base_dir / "etcd.log")
+        self._member("pg1", self.primary)  # bootstraps (initdb) and takes the leader key
+        pg_bin = find_pg_bin()
+        self._wait("the first member to lead", lambda: self.primary._psql(pg_bin, "SELECT NOT pg_is_in_recovery()")
+                   .strip() == "t", timeout)
+        self.primary._ensure_database(pg_bin)
+        self._member("pg2", self.standby)  # a base backup of pg1, then a synchronous standby
+        self.wait_synchronous(timeout)
+
+    def sync_state(self) -> str:
+        return self.primary._psql(find_pg_bin(), "SELECT sync_state FROM pg_stat_replication "
+                                                 "WHERE application_name = 'pg2'").strip()
+
+    def wait_synchronous(self, timeout: float = 90) -> None:
+        self._wait("the standby to be synchronous", lambda: self.sync_state() == "sync", timeout)
+
+    def kill_primary(self) -> None:
+        """Lose the leader at once: its Patroni (no leader key release) and its PostgreSQL."""
+        process = self._processes.pop("pg1")
+        victims = [process.pid, *child_pids(process.pid)]
+        pid = self.primary.postmaster_pid()
+        if pid is not None:
+            victims += [pid, *child_pids(pid)]
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        process.wait(30)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{victim}").exists() for victim in victims):
+            if time.monotonic() > deadline:
+                raise PgSandboxError(f"the primary's processes survived SIGKILL: {victims}")
+            time.sleep(0.05)
+
+    def promote(self, timeout: float = 60) -> None:
+        """Patroni promotes; this waits for it (and for the promoted server to accept writes)."""
+        self._wait("Patroni to promote the standby", lambda: not self.is_in_recovery(self.standby), timeout)
+
+    def is_in_recovery(self, sandbox: PgSandbox) -> bool:
+        return sandbox._psql(find_pg_bin(), "SELECT pg_is_in_recovery()").strip() == "t"
+
+    def destroy(self) -> None:
+        members = [self._processes.pop(key) for key in ("pg2", "pg1") if key in self._processes]
+        for process in members:  # Patroni stops its PostgreSQL on SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in members:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+        for sandbox in (self.standby, self.primary):
+            with contextlib.suppress(PgSandboxError, subprocess.SubprocessError):
+                sandbox.stop("immediate")
+        etcd = self._processes.pop("etcd", None)
+        if etcd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(etcd.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                etcd.wait(15)
         shutil.rmtree(self.base_dir, ignore_errors=True)

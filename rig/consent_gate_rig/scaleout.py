@@ -27,7 +27,7 @@ import asyncpg
 
 from consent_gate_rig.calls import journal_entries, sandbox_settings_for_tests, wait_until
 from consent_gate_rig.harness import AsteriskLog, GateService
-from consent_gate_rig.pgsandbox import PgCluster
+from consent_gate_rig.pgsandbox import PatroniCluster, PgCluster
 from consent_gate_rig.random_callers import (
     DECISIONS,
     InvariantReport,
@@ -112,7 +112,7 @@ def journaled(nodes: Sequence[Node], call_ids: set[str]) -> list[dict]:
     return [e for node in nodes for e in journal_entries(node.service.journal_dir) if e["call_id"] in call_ids]
 
 
-async def failover_under_load(cluster: PgCluster, nodes: Sequence[Node], *, calls_per_node: int,
+async def failover_under_load(cluster: PgCluster | PatroniCluster, nodes: Sequence[Node], *, calls_per_node: int,
                               concurrency_per_node: int, seed: int, tag: str,
                               kill_after_decisions: int = 6, wave_after: int = 3) -> FailoverReport:
     """Calls on every node; once ``kill_after_decisions`` decisions are stored the primary is

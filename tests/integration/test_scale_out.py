@@ -26,7 +26,7 @@ import pytest
 
 from consent_gate.ledger.store import migrate
 from consent_gate_rig.harness import SANDBOX_PURPOSES, GateService
-from consent_gate_rig.pgsandbox import PgCluster
+from consent_gate_rig.pgsandbox import PatroniCluster, PgCluster
 from consent_gate_rig.random_callers import DECISIONS, assert_alive
 from consent_gate_rig.sandbox import AsteriskSandbox
 from consent_gate_rig.scaleout import Node, cluster_ports, failover_under_load, node_settings
@@ -39,11 +39,19 @@ def check_config(service: GateService, config: Path) -> subprocess.CompletedProc
                           env=service.env(), check=False, capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PgCluster]:
+@pytest.fixture(scope="module", params=["pg_ctl", "patroni"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[PgCluster | PatroniCluster]:
+    """The primary + synchronous standby, promoted by hand (pg_ctl promote) or by Patroni."""
     base = Path(tempfile.mkdtemp(prefix="consent-gate-pgha-"))
+    base.chmod(0o711)  # the servers run as 'postgres' below it
     primary, standby = cluster_ports()
-    pg = PgCluster(base, primary, standby)
+    pg: PgCluster | PatroniCluster
+    if request.param == "patroni":
+        # No skip: scripts/setup installs patroni and etcd-server.
+        assert PatroniCluster.available(), "patroni and etcd are needed (apt-get install patroni etcd-server)"
+        pg = PatroniCluster(base, primary, standby)
+    else:
+        pg = PgCluster(base, primary, standby)
     try:
         pg.start()
         yield pg
@@ -53,7 +61,7 @@ def cluster() -> Iterator[PgCluster]:
 
 
 @pytest.fixture(scope="module")
-async def nodes(asterisk: AsteriskSandbox, cluster: PgCluster,
+async def nodes(asterisk: AsteriskSandbox, cluster: PgCluster | PatroniCluster,
                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[Node]]:
     # Depends on the session sandbox: it mounts /proc and /dev in the shared root.
     await migrate(cluster.dsn)
@@ -79,7 +87,7 @@ async def nodes(asterisk: AsteriskSandbox, cluster: PgCluster,
 
 
 async def test_primary_lost_under_load_loses_no_decision_and_records_no_one_without_consent(
-    cluster: PgCluster, nodes: list[Node],
+    cluster: PgCluster | PatroniCluster, nodes: list[Node],
 ) -> None:
     seed = int(os.environ.get("CONSENT_GATE_RANDOM_SEED", str(random.SystemRandom().randrange(1 << 30))))
     print(f"\nfailover: seed {seed} (CONSENT_GATE_RANDOM_SEED={seed} repeats the callers)")
