@@ -3,7 +3,9 @@
 the time from losing the PostgreSQL primary to the first new grant stored in the promoted standby.
 
     python3 bench/load/scale_out.py [--calls-per-node 40] [--concurrency-per-node 12] [--failovers 3] \
-        --out bench/load/scale-out.json
+        [--promote pg_ctl|patroni] --out bench/load/scale-out.json
+
+(``--calls-per-node 0``: the failovers only.)
 
 Real parts: two sandbox Asterisk 22 nodes (ports: consent_gate_rig.scaleout, derived from the
 CONSENT_GATE_SANDBOX_* variables), one consent-gate ARI service per node, a PostgreSQL primary
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from consent_gate.ledger.store import migrate
 from consent_gate_rig.harness import SANDBOX_PURPOSES, GateService
-from consent_gate_rig.pgsandbox import PgCluster, child_pids
+from consent_gate_rig.pgsandbox import PatroniCluster, PgCluster, child_pids
 from consent_gate_rig.random_callers import LocalCall, LocalTier, run_local_calls
 from consent_gate_rig.sandbox import AsteriskSandbox
 from consent_gate_rig.scaleout import Node, cluster_ports, decisions_stored, failover_under_load, node_settings
@@ -51,7 +53,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
-def processes(cluster: PgCluster, nodes: list[Node]) -> list[int]:
+def processes(cluster: PgCluster | PatroniCluster, nodes: list[Node]) -> list[int]:
     pids = []
     for node in nodes:
         if node.service.process is not None:
@@ -64,7 +66,7 @@ def processes(cluster: PgCluster, nodes: list[Node]) -> list[int]:
     return pids
 
 
-async def throughput(cluster: PgCluster, nodes: list[Node], active: int, calls: int, concurrency: int) -> dict:
+async def throughput(cluster: PgCluster | PatroniCluster, nodes: list[Node], active: int, calls: int, concurrency: int) -> dict:
     tag = f"tp{uuid.uuid4().hex[:6]}"
     plans = [[LocalCall(tag=f"{tag}n{i}c{j:03d}", kind="grant", keys="1", delay=0.5, hold=1.0)
               for j in range(calls)] for i in range(active)]
@@ -93,9 +95,9 @@ async def throughput(cluster: PgCluster, nodes: list[Node], active: int, calls: 
             "granted": granted, "decisions": len(decisions), "loadavg_1min_before": round(load_before, 2)}
 
 
-async def fresh_cluster(base: Path) -> PgCluster:
+async def fresh_cluster(base: Path, promote: str) -> PgCluster | PatroniCluster:
     primary, standby = cluster_ports()
-    cluster = PgCluster(base, primary, standby)
+    cluster = (PatroniCluster if promote == "patroni" else PgCluster)(base, primary, standby)
     cluster.start()
     await migrate(cluster.dsn)
     return cluster
@@ -104,7 +106,7 @@ async def fresh_cluster(base: Path) -> PgCluster:
 async def main_async(args: argparse.Namespace) -> int:
     base = Path(tempfile.mkdtemp(prefix="consent-gate-bench-ha-"))
     base.chmod(0o711)  # the PostgreSQL servers run as 'postgres' below it
-    cluster = await fresh_cluster(base / "pg0")
+    cluster = await fresh_cluster(base / "pg0", args.promote)
     nodes: list[Node] = []
     result: dict = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "cpus": os.cpu_count()}
     try:
@@ -117,15 +119,17 @@ async def main_async(args: argparse.Namespace) -> int:
             config.write_text(SANDBOX_PURPOSES)
             nodes.append(Node(sandbox, GateService(sandbox, cluster.dsn, work, config_path=config)))
             await nodes[-1].service.start()
-        result["throughput"] = [
-            await throughput(cluster, nodes, active, args.calls_per_node, args.concurrency_per_node)
-            for active in (1, 2)
-        ]
+        result["promote"] = args.promote
+        if args.calls_per_node:
+            result["throughput"] = [
+                await throughput(cluster, nodes, active, args.calls_per_node, args.concurrency_per_node)
+                for active in (1, 2)
+            ]
         failovers = []
         for run in range(args.failovers):
             if run:  # the promoted standby has no standby of its own: a fresh pair
                 cluster.destroy()
-                cluster = await fresh_cluster(base / f"pg{run}")
+                cluster = await fresh_cluster(base / f"pg{run}", args.promote)
                 for node in nodes:
                     await node.service.stop()
                     node.service.dsn = cluster.dsn
@@ -158,6 +162,8 @@ def main() -> int:
     parser.add_argument("--concurrency-per-node", type=int, default=12)
     parser.add_argument("--failovers", type=int, default=3)
     parser.add_argument("--seed", type=int, default=15)
+    parser.add_argument("--promote", choices=("pg_ctl", "patroni"), default="pg_ctl",
+                        help="who promotes the standby: the rig (pg_ctl promote) or Patroni")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "scale-out.json")
     args = parser.parse_args()
     if args.calls_per_node > 500 or args.concurrency_per_node > 30 or args.failovers > 10:

@@ -436,9 +436,8 @@ class PatroniCluster:
 
     def destroy(self) -> None:
         members = [self._processes.pop(key) for key in ("pg2", "pg1") if key in self._processes]
-        for process in members:  # Patroni stops its PostgreSQL on SIGTERM
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+        for process in members:  # runuser relays SIGTERM; Patroni stops its PostgreSQL, runuser reaps
+            process.terminate()
         for process in members:
             try:
                 process.wait(30)
@@ -450,8 +449,10 @@ class PatroniCluster:
                 sandbox.stop("immediate")
         etcd = self._processes.pop("etcd", None)
         if etcd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(etcd.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            etcd.terminate()
+            try:
                 etcd.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(etcd.pid, signal.SIGKILL)
         shutil.rmtree(self.base_dir, ignore_errors=True)

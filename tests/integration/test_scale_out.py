@@ -97,7 +97,7 @@ async def test_primary_lost_under_load_loses_no_decision_and_records_no_one_with
     print(f"outcomes {dict(report.outcomes)}; decided before the loss {report.decided_before_loss}, "
           f"journaled in the gap {report.journaled_during_gap}, gap {report.gap_seconds:.2f} s, "
           f"loss -> first new grant {report.loss_to_first_new_grant} s, "
-          f"unacknowledged grants {report.unacknowledged_grants}")
+          f"unacknowledged grants {report.unacknowledged_grants}, slowest originate {report.slowest_originate:.2f} s")
     assert not report.violations, f"seed {seed}: " + "\n".join(report.violations[:20])
     # Every call of both nodes has its decision in the new primary (check_invariant: exactly one).
     assert sum(report.outcomes[k] for k in DECISIONS) == report.calls == 2 * (20 + 3)
