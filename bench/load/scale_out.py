@@ -143,6 +143,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 "kill_to_first_new_grant_s": (None if report.loss_to_first_new_grant is None
                                               else round(report.loss_to_first_new_grant, 2)),
                 "unacknowledged_grants": len(report.unacknowledged_grants), "violations": report.violations,
+                "slowest_originate_s": round(report.slowest_originate, 2),
             })
         result["failovers"] = failovers
         print(json.dumps(result, indent=2))
