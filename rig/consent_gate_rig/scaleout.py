@@ -138,8 +138,10 @@ async def failover_under_load(cluster: PgCluster | PatroniCluster, nodes: Sequen
             await wait_until(enough_decided, 60, f"{kill_after_decisions} decisions stored before the loss",
                              interval=0.2)
             report.decided_before_loss = len(await decisions_stored(cluster.dsn, sorted(ids)))
-            lost_at = time.time()
             cluster.kill_primary()
+            # From here on nothing can commit on the old primary: a grant stored later is a grant
+            # in the new one (stored_at is the transaction's start, on the same clock).
+            lost_at = time.time()
             await wait_until(lambda: any(e["event"] in DECISIONS for e in journaled(nodes, ids)), 60,
                              "a decision journaled while no primary is reachable", interval=0.05)
             report.journaled_during_gap = sum(e["event"] in DECISIONS for e in journaled(nodes, ids))
