@@ -113,11 +113,18 @@ class PgSandbox:
         )
         if self.extra_options:
             options += " " + self.extra_options
-        self._run(
-            [str(pg_bin / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.base_dir / "postgres.log"),
-             "-o", options, "-w", "-t", "60", "start"],
-            "pg_ctl start",
-        )
+        try:
+            self._run(
+                [str(pg_bin / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.base_dir / "postgres.log"),
+                 "-o", options, "-w", "-t", "60", "start"],
+                "pg_ctl start",
+            )
+        except PgSandboxError as error:  # the reason is in the server's log, which teardown removes
+            try:
+                tail = "\n".join((self.base_dir / "postgres.log").read_text(errors="replace").splitlines()[-5:])
+            except OSError:
+                tail = ""
+            raise PgSandboxError(f"{error}\n{tail}") from None
         self._ensure_database(pg_bin)
 
     def _psql(self, pg_bin: Path, sql: str, database: str = "postgres") -> str:
@@ -377,12 +384,21 @@ class PatroniCluster:
             except (PgSandboxError, subprocess.SubprocessError):
                 pass
             for key, process in self._processes.items():
-                if process.poll() is not None and key != "killed":
-                    raise PgSandboxError(f"{key} exited ({process.returncode}) while waiting for {what}; "
-                                         f"see {self.base_dir}")
+                if process.poll() is not None:
+                    raise PgSandboxError(f"{key} exited ({process.returncode}) while waiting for {what}:\n"
+                                         f"{self._log_tail(key)}")
             if time.monotonic() > deadline:
-                raise PgSandboxError(f"{what}: not within {timeout:.0f} s (logs in {self.base_dir})")
+                raise PgSandboxError(f"{what}: not within {timeout:.0f} s:\n{self._log_tail('pg1')}\n"
+                                     f"{self._log_tail('pg2')}")
             time.sleep(0.2)
+
+    def _log_tail(self, key: str, lines: int = 12) -> str:
+        """The end of a member's log (teardown removes the directory)."""
+        path = self.base_dir / ("etcd.log" if key == "etcd" else f"{key}/patroni.log")
+        try:
+            return f"{path}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return f"{path}: (none)"
 
     def start(self, timeout: float = 90) -> None:
         self.base_dir.mkdir(parents=True, exist_ok=True)
