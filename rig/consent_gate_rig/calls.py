@@ -178,3 +178,7 @@ def sandbox_settings_for_tests() -> SandboxSettings:
     defaults = {key: value for key, value in TEST_SANDBOX.items()
                 if not os.environ.get(f"CONSENT_GATE_SANDBOX_{_ENV_NAMES[key]}")}
     return SandboxSettings.from_env(**defaults)
+
+
+# The AGI paths (features.conf mid-call codes, MixMonitor only while bridged).
+AGI_PATHS = ("agi", "fastagi")

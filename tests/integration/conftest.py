@@ -133,8 +133,6 @@ def have_tools() -> None:
 # The gate paths every case of the matrix runs on: the ARI service, the AGI script (one process
 # per call) and the FastAGI server (consent-gate-fastagi); extension in the sandbox dialplan.
 GATE_EXTENSIONS = {"ari": "200", "agi": "300", "fastagi": "350"}
-# The AGI paths (features.conf mid-call codes, MixMonitor only while bridged).
-AGI_PATHS = ("agi", "fastagi")
 # What each path writes to the ledger's source column: FastAGI is AGI mode.
 LEDGER_SOURCE = {"ari": "ari", "agi": "agi", "fastagi": "agi"}
 

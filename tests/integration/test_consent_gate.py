@@ -21,6 +21,7 @@ import pytest
 
 from consent_gate_rig import audio
 from consent_gate_rig.calls import (
+    AGI_PATHS,
     HEX32,
     Phones,
     drain_incoming,
@@ -35,8 +36,6 @@ from consent_gate_rig.calls import (
 from consent_gate_rig.harness import AsteriskLog, FastAgiService, GateService
 from consent_gate_rig.sandbox import AsteriskSandbox
 from consent_gate_rig.softphone import NoIncomingCall
-
-from .conftest import AGI_PATHS
 
 pytestmark = pytest.mark.integration
 

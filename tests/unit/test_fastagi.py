@@ -29,8 +29,7 @@ from consent_gate.core.dialog import DTMF_STOP_KEYS, CallerHungUp
 from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import Ledger
 from consent_gate.prompts.catalog import PromptCatalog, packaged_sounds_dir
-
-from .test_agi_script import DISCARD, HMAC_KEY, LISTEN, SOUNDS, agi_environment
+from consent_gate_rig.agidata import DISCARD, HMAC_KEY, LISTEN, SOUNDS, agi_environment
 
 QUESTION = f'STREAM FILE {SOUNDS}/en/question-training "{DTMF_STOP_KEYS}" 0'
 FAST = Timeouts(environment=0.5, command=0.5, play=0.5, exec=0.5, digit_slack=0.5)
