@@ -57,8 +57,9 @@ class PgSandbox:
         """As the superuser (tests that create databases or roles)."""
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
-    async def new_database(self, prefix: str = "cg") -> str:
-        """A new, empty database owned by the application role; returns its DSN."""
+    async def new_database(self, prefix: str = "cg", *, template: str | None = None) -> str:
+        """A new database owned by the application role (empty, or a copy of ``template``);
+        returns its DSN, whose last path part is the database's name."""
         import uuid
 
         import asyncpg
@@ -66,7 +67,8 @@ class PgSandbox:
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
         admin = await asyncpg.connect(self.admin_dsn(), timeout=10)
         try:
-            await admin.execute(f"CREATE DATABASE {name} OWNER {self.user}")
+            copy = f" TEMPLATE {template}" if template else ""
+            await admin.execute(f"CREATE DATABASE {name}{copy} OWNER {self.user}")
         finally:
             await admin.close()
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"

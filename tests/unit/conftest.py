@@ -42,13 +42,9 @@ async def retention_template(pg_sandbox: PgSandbox) -> str:
 @pytest_asyncio.fixture
 async def db(pg_sandbox: PgSandbox, retention_template: str) -> AsyncIterator[str]:
     """DSN of a fresh, migrated database of this test's own (application role)."""
-    name = f"cg_h6_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_sandbox.admin_dsn(), timeout=10)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {retention_template} OWNER {pg_sandbox.user}")
-    finally:
-        await admin.close()
-    yield f"postgresql://{pg_sandbox.user}@127.0.0.1:{pg_sandbox.port}/{name}"
+    dsn = await pg_sandbox.new_database("cg_h6", template=retention_template)
+    yield dsn
+    name = dsn.rsplit("/", 1)[1]
     admin = await asyncpg.connect(pg_sandbox.admin_dsn(), timeout=10)
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
