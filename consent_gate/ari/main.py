@@ -14,6 +14,7 @@ import contextlib
 import logging
 import sys
 
+import asyncpg
 import structlog
 
 from consent_gate.ari.ami import AmiClient, AmiConfig, AmiError
@@ -22,6 +23,7 @@ from consent_gate.ari.metrics import ServiceMetrics, start_exporter
 from consent_gate.ari.transport import AriClient, AriConfig
 from consent_gate.config import ConfigError, Settings, load_settings
 from consent_gate.core.dialog import GateContext
+from consent_gate.ledger.cluster import ClusterMismatch, check_node
 from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import Ledger
 from consent_gate.log import configure_logging
@@ -47,6 +49,20 @@ async def check_ami_login(settings: Settings) -> None:
                           f"{settings.ami_user!r}: {error}") from None
     finally:
         await ami.close()
+
+
+async def check_cluster(settings: Settings, catalog: PromptCatalog) -> None:
+    """Several nodes share one ledger: this node's HMAC key and prompt set must be the ones the
+    ledger already knows (the first node to check records its own)."""
+    try:
+        await check_node(settings.database_dsn, hmac_key=settings.hmac_key, prompts=catalog.inventory())
+    except ClusterMismatch as error:
+        raise ConfigError(f"cluster: {error}") from None
+    except asyncpg.UndefinedTableError:
+        raise ConfigError("ledger: not migrated to this version (run `consent-gate db migrate`)") from None
+    except (TimeoutError, OSError, asyncpg.PostgresError) as error:
+        raise ConfigError(f"ledger: cannot compare this node with the ledger: {type(error).__name__}: "
+                          f"{error}") from None
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -96,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("ami.secret: mid-call withdrawal needs AMI; set CONSENT_GATE_AMI_SECRET or *_FILE")
         check_recordings_dir(settings)
         if args.check_config:
-            check_prompts(settings, PromptCatalog.load(settings.prompts_dir))
+            catalog = PromptCatalog.load(settings.prompts_dir)
+            check_prompts(settings, catalog)
             check_journal_writable(settings.journal_dir)
             asyncio.run(check_ami_login(settings))
+            asyncio.run(check_cluster(settings, catalog))
             print("configuration ok")
             return 0
     except (ConfigError, PromptError) as error:

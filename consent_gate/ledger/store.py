@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import re
+import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
 from enum import StrEnum
@@ -65,6 +66,46 @@ def rejection_reason(error: Exception) -> str:
     return ", ".join(parts)
 
 
+def host_dsns(dsn: str) -> list[str]:
+    """One single-host DSN per host of a multi-host ``postgresql://h1:p1,h2:p2/db?...`` URL, in
+    order (user, database and parameters kept); any other DSN as it is."""
+    parts = urllib.parse.urlsplit(dsn)
+    if parts.scheme not in ("postgresql", "postgres") or "," not in parts.netloc:
+        return [dsn]
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    return [urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}"))
+            for host in hosts.split(",") if host]
+
+
+async def connect_first_writable(dsns: Sequence[str], timeout: float, **kwargs: Any) -> asyncpg.Connection:
+    """Connect to every host at once and keep the first that takes the connection (with
+    ``target_session_attrs=read-write`` in the DSN: the primary).  libpq and asyncpg try the hosts
+    one after the other within one timeout, so a primary that went silent (a lost host, no
+    connection reset) would use it all up and the promoted standby would never be tried."""
+    tasks = [asyncio.ensure_future(asyncpg.connect(dsn, timeout=timeout, **kwargs)) for dsn in dsns]
+    chosen: asyncpg.Connection | None = None
+    error: BaseException | None = None
+    try:
+        pending = set(tasks)
+        while pending and chosen is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:  # in host order among those that finished
+                if task in done and chosen is None and not task.cancelled():
+                    if task.exception() is None:
+                        chosen = task.result()
+                    else:
+                        error = task.exception()
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled() and task.exception() is None and task.result() is not chosen:
+                task.result().terminate()
+    if chosen is None:
+        raise error or OSError("no database host to connect to")
+    return chosen
+
+
 class Durability(StrEnum):
     DATABASE = "database"
     JOURNAL = "journal"
@@ -97,6 +138,7 @@ class Ledger:
         self.write_timeout = write_timeout
         self.replay_interval = replay_interval
         self._connect = connect
+        self._hosts = host_dsns(dsn)
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
         self._replayer: asyncio.Task[None] | None = None
@@ -125,15 +167,36 @@ class Ledger:
     async def _get_pool(self) -> asyncpg.Pool:
         async with self._pool_lock:
             if self._pool is None:
+                options: dict[str, Any] = {}
+                if len(self._hosts) > 1:  # several hosts: follow the primary (docs/deployment.md)
+                    options["connect"] = self._connect_any
                 self._pool = await asyncio.wait_for(
-                    self._connect(self.dsn, min_size=1, max_size=10, command_timeout=self.write_timeout),
+                    self._connect(self.dsn, min_size=1, max_size=10, command_timeout=self.write_timeout, **options),
                     self.write_timeout,
                 )
             return self._pool
 
-    async def _insert(self, events: Sequence[ConsentEvent], *, via_journal: bool) -> None:
+    async def _connect_any(self, *_args: Any, **kwargs: Any) -> asyncpg.Connection:
+        """The pool's connect for a multi-host DSN: every host at once, the first writable wins."""
+        return await connect_first_writable(self._hosts, self.write_timeout, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> Any:
+        """A pooled connection that is thrown away if anything but the event goes wrong on it: a
+        connection to a primary that went silent would otherwise be handed out again and again,
+        each time until the write timeout, and the pool would never reach the new primary."""
         pool = await self._get_pool()
         async with pool.acquire(timeout=self.write_timeout) as connection:
+            try:
+                yield connection
+            except REJECTED_EVENT:
+                raise
+            except BaseException:  # a timeout, a cancellation (wait_for), a lost connection
+                connection.terminate()
+                raise
+
+    async def _insert(self, events: Sequence[ConsentEvent], *, via_journal: bool) -> None:
+        async with self._connection() as connection:
             async with connection.transaction():
                 await connection.executemany(INSERT_SQL, [_row(event, via_journal) for event in events])
 
@@ -189,8 +252,8 @@ class Ledger:
     async def _check_database(self) -> None:
         """Leave degraded mode only once the database answers; raises while it does not."""
         try:
-            pool = await self._get_pool()
-            await pool.fetchval("SELECT 1", timeout=self.write_timeout)
+            async with self._connection() as connection:
+                await connection.fetchval("SELECT 1", timeout=self.write_timeout)
         except Exception:
             self.degraded = True
             raise

@@ -170,6 +170,12 @@ class PromptCatalog:
         lang = normalize_lang(lang) if lang else None
         return frozenset(n for l, n in self._files if lang is None or l == lang)
 
+    def inventory(self) -> list[tuple[str, str, str]]:
+        """Every prompt file on disk as (language, name, audio sha256), sorted."""
+        with self._lock:
+            files = sorted(self._files.items())
+        return [(lang, name, self._version_of(path)) for (lang, name), path in files]
+
     def has(self, lang: str, name: str) -> bool:
         return (normalize_lang(lang), name) in self._files
 

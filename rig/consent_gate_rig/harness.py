@@ -142,6 +142,11 @@ class ServiceProcess:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
 
+# One deployment, one pseudonym key: every service this process starts shares it by default, as
+# the nodes of one ledger must (--check-config compares it with the ledger's, issue 15).
+SESSION_HMAC_KEY = secrets.token_hex(16)
+
+
 @dataclass
 class GateService(ServiceProcess):
     """The consent-gate ARI service as a real child process (what systemd would run)."""
@@ -149,7 +154,7 @@ class GateService(ServiceProcess):
     sandbox: AsteriskSandbox
     dsn: str
     work_dir: Path
-    hmac_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    hmac_key: str = SESSION_HMAC_KEY
     extra_env: dict[str, str] = field(default_factory=dict)
     config_path: Path | None = None
     # The service command before "--config FILE"; default: this Python's consent_gate.ari.main.

@@ -12,6 +12,7 @@ import json
 import random
 import re
 import socket
+import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -69,8 +70,10 @@ class LocalCall:
 class LocalTier:
     """ARI REST (the sandbox's ARI user) for originating and hanging up Local-tier calls."""
 
-    def __init__(self, asterisk: AsteriskSandbox) -> None:
+    def __init__(self, asterisk: AsteriskSandbox, timeout: float = 10.0) -> None:
         env = asterisk.env()
+        self.timeout = timeout
+        self.slowest_originate = 0.0
         self.base = env["CONSENT_GATE_ARI_URL"] + "/ari"
         self.app = env["CONSENT_GATE_ARI_APP"]
         token = base64.b64encode(f"{env['CONSENT_GATE_ARI_USER']}:{env['CONSENT_GATE_ARI_PASSWORD']}".encode())
@@ -78,7 +81,7 @@ class LocalTier:
         self.session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> LocalTier:
-        self.session = aiohttp.ClientSession(headers=self.headers, timeout=aiohttp.ClientTimeout(total=10))
+        self.session = aiohttp.ClientSession(headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.timeout))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -98,7 +101,9 @@ class LocalTier:
         params = {"endpoint": f"Local/500-{call.tag}@from-callers", "extension": "cgcaller",
                   "context": "from-callers", "priority": "1", "channelId": call.caller_channel,
                   "otherChannelId": call.gate_channel, "callerId": caller_id, "timeout": "30"}
+        started = time.monotonic()
         status, body = await self.request("POST", "/channels", params=params, json={"variables": call.variables()})
+        self.slowest_originate = max(self.slowest_originate, time.monotonic() - started)
         assert status == 200, f"originate {call.tag}: HTTP {status} {body}"
 
     async def channel_ids(self) -> set[str]:

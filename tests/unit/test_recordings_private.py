@@ -210,9 +210,10 @@ def ami() -> Iterator[ScriptedAmi]:
 
 
 @pytest.fixture
-def service_env(tmp_path: Path, private: Path, ami: ScriptedAmi) -> dict[str, str]:
+def service_env(tmp_path: Path, private: Path, ami: ScriptedAmi, db: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONSENT_GATE_")}
-    env.update(SECRETS, PYTHONPATH=str(ROOT), CONSENT_GATE_RECORDINGS_DIR=str(private),
+    # --check-config compares the node with the ledger (a migrated database of its own).
+    env.update(SECRETS, PYTHONPATH=str(ROOT), CONSENT_GATE_DSN=db, CONSENT_GATE_RECORDINGS_DIR=str(private),
                CONSENT_GATE_RECORDINGS_OWNER=str(ME), CONSENT_GATE_JOURNAL_DIR=str(tmp_path / "journal"),
                CONSENT_GATE_AMI_HOST="127.0.0.1", CONSENT_GATE_AMI_PORT=str(ami.server_address[1]),
                CONSENT_GATE_AMI_USER="cg-check", CONSENT_GATE_AMI_SECRET="right-ami-secret")
