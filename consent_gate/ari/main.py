@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 
 import asyncpg
@@ -20,7 +21,7 @@ import structlog
 from consent_gate.ari.ami import AmiClient, AmiConfig, AmiError
 from consent_gate.ari.app import ConsentGateApp
 from consent_gate.ari.metrics import ServiceMetrics, start_exporter
-from consent_gate.ari.transport import AriClient, AriConfig
+from consent_gate.ari.transport import AriClient, AriConfig, AriError
 from consent_gate.config import ConfigError, Settings, load_settings
 from consent_gate.core.dialog import GateContext
 from consent_gate.ledger.cluster import ClusterMismatch, check_node
@@ -51,11 +52,27 @@ async def check_ami_login(settings: Settings) -> None:
         await ami.close()
 
 
+async def read_system_name(settings: Settings) -> str:
+    """This node's Asterisk systemname, read over ARI (the login is checked on the way)."""
+    config = AriConfig(base_url=settings.ari_url, username=settings.ari_user,
+                       password=settings.ari_password, app=settings.ari_app)
+    try:
+        async with AriClient(config) as client:
+            return await client.system_name()
+    except AriError as error:
+        raise ConfigError(f"ari: cannot read Asterisk's settings at {settings.ari_url} as "
+                          f"{settings.ari_user!r}: {error}") from None
+
+
 async def check_cluster(settings: Settings, catalog: PromptCatalog) -> None:
     """Several nodes share one ledger: this node's HMAC key and prompt set must be the ones the
-    ledger already knows (the first node to check records its own)."""
+    ledger already knows (the first node to check records its own), and its Asterisk's
+    systemname must be its own (channel uniqueids, the ledger's call ids, carry it)."""
+    system_name = await read_system_name(settings)
+    node = f"{socket.gethostname()} {settings.ari_url}"
     try:
-        await check_node(settings.database_dsn, hmac_key=settings.hmac_key, prompts=catalog.inventory())
+        await check_node(settings.database_dsn, hmac_key=settings.hmac_key, prompts=catalog.inventory(),
+                         system_name=system_name, node=node)
     except ClusterMismatch as error:
         raise ConfigError(f"cluster: {error}") from None
     except asyncpg.UndefinedTableError:

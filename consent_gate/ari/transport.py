@@ -177,6 +177,13 @@ class AriClient:
             raise ChannelGone(status, method, path, body)
         raise AriError(status, method, path, body)
 
+    async def system_name(self) -> str:
+        """Asterisk's ``systemname`` (asterisk.conf [options]; "" when unset): the prefix of every
+        channel uniqueid, so what keeps call ids apart when several nodes share one ledger."""
+        body = await self.request("GET", "/asterisk/info", params={"only": "config"})
+        name = body.get("config", {}).get("name", "") if isinstance(body, dict) else ""
+        return name if isinstance(name, str) else ""
+
     async def answer(self, channel_id: str) -> None:
         await self.request("POST", f"/channels/{_q(channel_id)}/answer")
 

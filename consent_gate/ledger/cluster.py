@@ -5,6 +5,11 @@ prompt hash that no other node ever played).
 ``check_node`` compares this node's fingerprints with those in ``cluster_identity`` (migration
 006); the first node to check records its own.  Only fingerprints are stored: the key's is an
 HMAC of a fixed label under the key, from which the key cannot be recovered.
+
+It also keeps call ids apart: the ledger's call_id is Asterisk's channel uniqueid,
+"<systemname>-<epoch>.<sequence>", and two Asterisks with the same systemname (or none) hand out
+the same ids.  ``cluster_nodes`` holds which node uses which systemname; a second node with one
+already taken (the empty one included) is refused.
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ class NodeCheck:
 
 
 async def check_node(dsn: str, *, hmac_key: bytes, prompts: Iterable[tuple[str, str, str]],
-                     node: str | None = None, timeout: float = 10.0) -> NodeCheck:
-    """Raise ClusterMismatch if the ledger knows other fingerprints; record them if it knows none."""
+                     system_name: str | None = None, node: str | None = None,
+                     timeout: float = 10.0) -> NodeCheck:
+    """Raise ClusterMismatch if the ledger knows other fingerprints, or (``system_name`` given)
+    another node with this Asterisk systemname; record them if it knows none."""
     mine = {"hmac-key": key_fingerprint(hmac_key), "prompt-set": prompt_set_fingerprint(prompts)}
     node = (node or socket.gethostname())[:255] or "unknown"
     connection = await asyncpg.connect(dsn, timeout=timeout)
@@ -58,10 +65,25 @@ async def check_node(dsn: str, *, hmac_key: bytes, prompts: Iterable[tuple[str, 
             if inserted:
                 recorded.append(name)
         rows = await connection.fetch("SELECT name, fingerprint, first_node FROM cluster_identity", timeout=timeout)
+        others: list[str] = []
+        if system_name is not None:
+            # Only the claim is inserted (no UPDATE for the gate's role); the primary key keeps
+            # one node per systemname even when two nodes check at once.
+            await connection.execute(
+                "INSERT INTO cluster_nodes (system_name, node) VALUES ($1, $2) ON CONFLICT (system_name) DO NOTHING",
+                system_name, node, timeout=timeout)
+            others = [row["node"] for row in await connection.fetch(
+                "SELECT node FROM cluster_nodes WHERE system_name = $1 AND node <> $2", system_name, node,
+                timeout=timeout)]
     finally:
         await connection.close()
     known = {row["name"]: row for row in rows}
     problems = []
+    if others:
+        shown = repr(system_name) if system_name else "(none set)"
+        problems.append(f"Asterisk systemname {shown} is already used by node {others[0]!r}: both would give "
+                        "calls the same ids (channel uniqueids); set a systemname of its own on each node "
+                        "(asterisk.conf [options] systemname)")
     if known["hmac-key"]["fingerprint"] != mine["hmac-key"]:
         problems.append(f"the HMAC key differs from the one node {known['hmac-key']['first_node']!r} "
                         "recorded (callers would get other pseudonyms on this node)")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
 import json
 import socket
+import socketserver
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -247,3 +249,83 @@ class FlakyTcpProxy:
                      asyncio.create_task(pump(up_reader, writer, False))):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+
+class ScriptedAmi(socketserver.ThreadingTCPServer):
+    """Asterisk's AMI login exchange in a thread (for a service checked as a subprocess):
+    accepts ``secret``, refuses anything else, answers every other action with Success."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.logins: list[str] = []
+        super().__init__(("127.0.0.1", 0), _AmiHandler)
+
+
+class _AmiHandler(socketserver.StreamRequestHandler):
+    server: ScriptedAmi
+
+    def handle(self) -> None:
+        self.wfile.write(b"Asterisk Call Manager/9.0.0\r\n")
+        message: dict[str, str] = {}
+        for raw in self.rfile:
+            line = raw.decode().rstrip("\r\n")
+            if line:
+                key, _, value = line.partition(":")
+                message[key.strip()] = value.strip()
+            elif message:
+                self._reply(message)
+                message = {}
+
+    def _reply(self, message: dict[str, str]) -> None:
+        if message.get("Action") == "Login":
+            self.server.logins.append(message.get("Username", ""))
+            ok = message.get("Secret") == self.server.secret
+            reply = "Success\r\nMessage: Authentication accepted" if ok else "Error\r\nMessage: Authentication failed"
+        else:
+            reply = "Success\r\nPing: Pong"
+        self.wfile.write(f"Response: {reply}\r\nActionID: {message.get('ActionID', '')}\r\n\r\n".encode())
+
+
+class ScriptedAriInfo(http.server.ThreadingHTTPServer):
+    """ARI's ``GET /ari/asterisk/info`` in a thread: Asterisk's settings, ``system_name`` as its
+    systemname, for ``username``/``password`` only (401 otherwise); 404 for any other path."""
+
+    daemon_threads = True
+
+    def __init__(self, username: str, password: str, system_name: str = "") -> None:
+        self.token = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+        self.system_name = system_name
+        self.requests: list[str] = []
+        super().__init__(("127.0.0.1", 0), _AriInfoHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _AriInfoHandler(http.server.BaseHTTPRequestHandler):
+    server: ScriptedAriInfo
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.server.requests.append(self.path)
+        if self.headers.get("Authorization") != self.server.token:
+            self._send(401, {"message": "Authentication required"})
+        elif self.path.split("?")[0] == "/ari/asterisk/info":
+            self._send(200, {"config": {"name": self.server.system_name, "default_language": "en"}})
+        else:
+            self._send(404, {"message": "Resource not found"})
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's name)
+        pass  # the test reads ``requests``; stderr stays quiet
+

@@ -266,3 +266,11 @@ class FastAgiService(ServiceProcess):
             await asyncio.sleep(0.05)
         raise TimeoutError(f"consent-gate-fastagi did not listen in {timeout:.0f} s:\n{self.log_tail()}")
 
+
+def run_ari_command(env: dict[str, str], *args: str, **changes: str) -> tuple[int, str]:
+    """consent-gate-ari as systemd runs it (a process of its own, e.g. ``--check-config``): its
+    exit code and its output (stdout then stderr)."""
+    done = subprocess.run([sys.executable, "-m", "consent_gate.ari.main", "--log-format", "console", *args],
+                          env={**env, **changes}, capture_output=True, text=True, timeout=60, check=False)
+    return done.returncode, done.stdout + done.stderr
+

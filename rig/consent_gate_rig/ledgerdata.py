@@ -147,3 +147,24 @@ async def add_training_copy(conn: asyncpg.Connection, recording_id: str, copies:
                        copy_id)
     await conn.execute("INSERT INTO training_copy_links VALUES ($1, $2)", recording_id, copy_id)
     return copy_id
+
+
+def make_event(call_id: str, kind: EventKind = EventKind.GRANTED, **fields: Any) -> ConsentEvent:
+    """A complete ledger event for ``call_id`` (a grant unless told), any field overridden."""
+    now = datetime.now(UTC)
+    values: dict[str, Any] = dict(
+        consent_id=uuid.uuid4(), call_id=call_id, event=kind, purpose="training", legal_basis="consent",
+        occurred_at=now, source="ari", language="da",
+        prompt_version=hashlib.sha256(b"question").hexdigest(), digit="1",
+        caller_ref=hashlib.sha256(b"caller").hexdigest(),
+        recording_id=new_recording_id() if kind is EventKind.GRANTED else None,
+        prompt_started_at=now - timedelta(seconds=4), decided_at=now - timedelta(seconds=1),
+        detail={"attempts": 1, "invalid_keys": []},
+    )
+    values.update(fields)
+    return ConsentEvent(**values)
+
+
+def unique_call() -> str:
+    """A call id no other test uses."""
+    return f"test-{uuid.uuid4().hex}"

@@ -48,6 +48,10 @@ class LocalCall:
     hold: float = 1.0        # then this long until the caller hangs up
     gap_ms: int = 100        # between keys
     kind: str = ""
+    # A SIP call (SipTier): the gate's channel is Asterisk's, learnt from its consent-call log
+    # line after the call (resolve_sip_gate_channels); empty for a Local call.
+    gate_id: str = ""
+    gate_name: str = ""
 
     @property
     def caller_channel(self) -> str:
@@ -56,11 +60,12 @@ class LocalCall:
     @property
     def gate_channel(self) -> str:
         """The half in the gate: its id is the ledger's call_id."""
-        return f"cgl-{self.tag}-2"
+        return self.gate_id or f"cgl-{self.tag}-2"
 
     @property
     def channel_prefix(self) -> str:
-        return f"Local/500-{self.tag}@from-callers-"
+        """How Asterisk's "Begin MixMonitor Recording NAME" line names the gate's channel."""
+        return f"{self.gate_name}\n" if self.gate_name else f"Local/500-{self.tag}@from-callers-"
 
     def variables(self) -> dict[str, str]:
         return {"CG_DELAY": f"{self.delay:.2f}", "CG_KEYS": self.keys, "CG_DELAY2": f"{self.delay2:.2f}",
@@ -130,6 +135,38 @@ class LocalTier:
             params["source"] = source
         status, _ = await self.request("POST", f"/events/user/{name}", params=params, json={"variables": variables})
         return status
+
+
+class SipTier(LocalTier):
+    """Callers as real SIP calls: Asterisk dials itself through its ``loop`` endpoint (INVITE
+    with digest auth as "caller", RTP, RFC 4733 keys), so the gate's half is a PJSIP channel
+    like a phone's.  The ARI-originated caller half runs cgcaller as on the Local tier."""
+
+    async def originate(self, call: LocalCall, caller_id: str = '"SIP Caller" <+4520000000>') -> None:
+        params = {"endpoint": f"PJSIP/500-{call.tag}@loop", "extension": "cgcaller",
+                  "context": "from-callers", "priority": "1", "channelId": call.caller_channel,
+                  "callerId": caller_id, "timeout": "30"}
+        started = time.monotonic()
+        status, body = await self.request("POST", "/channels", params=params, json={"variables": call.variables()})
+        self.slowest_originate = max(self.slowest_originate, time.monotonic() - started)
+        assert status == 200, f"originate {call.tag}: HTTP {status} {body}"
+
+
+# Logged by [from-callers] _500-. before the gate: which channel a tagged call got.
+CONSENT_CALL_RE = re.compile(r"consent-call: test=(?P<tag>[A-Za-z0-9-]+) uniqueid=(?P<id>\S+) channel=(?P<name>\S+)")
+
+
+def resolve_sip_gate_channels(calls: list[LocalCall], log_text: str) -> list[str]:
+    """Give each SIP call its gate channel (id and name) from the node's log; the tags of calls
+    that never reached the gate's dialplan."""
+    seen = {m["tag"]: (m["id"], m["name"]) for m in CONSENT_CALL_RE.finditer(log_text)}
+    missing = []
+    for call in calls:
+        if call.tag in seen:
+            call.gate_id, call.gate_name = seen[call.tag]
+        else:
+            missing.append(call.tag)
+    return missing
 
 
 async def run_local_calls(tier: LocalTier, calls: list[LocalCall], concurrency: int, per_call_timeout: float) -> None:

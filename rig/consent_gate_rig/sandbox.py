@@ -96,6 +96,9 @@ class SandboxSettings:
     # Where the sandbox dialplan's FastAGI extensions (350...) reach consent-gate-fastagi
     # (rig/consent_gate_rig/harness.py starts it there; Asterisk only connects to it).
     fastagi_port: int = 25073
+    # asterisk.conf systemname ("" = none): the prefix of channel uniqueids, which nodes sharing
+    # one ledger must each have their own of (consent_gate.ledger.cluster).
+    system_name: str = ""
     # Asterisk's umask; None: the UMask= of the shipped drop-in (what a deployed Asterisk gets).
     umask: int | None = None
 
@@ -559,6 +562,7 @@ class AsteriskSandbox:
         values = {
             "INSTANCE": str(self.inside_dir),
             "SIP_PORT": str(self.settings.sip_port),
+            "SYSTEM_NAME": self.settings.system_name,
             "HTTP_PORT": str(self.settings.http_port),
             "AMI_PORT": str(self.settings.ami_port),
             "RTP_START": str(self.settings.rtp_start),

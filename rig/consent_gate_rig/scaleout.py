@@ -5,8 +5,8 @@ Ports derive from the session sandbox's (the CONSENT_GATE_SANDBOX_* variables) a
 CONSENT_GATE_TEST_PG_PORT, so CI's defaults and a developer's private ports both work:
 
 * node ``i`` (0, 1, ...): SIP/HTTP/AMI = the session's + 4 + 2*i (the session's + 2 belongs to
-  tests/integration/test_recordings_private.py), RTP the 100 ports from the session's end + 201
-  + 100*i;
+  tests/integration/test_recordings_private.py), RTP the 200 ports from the session's end + 201
+  + 200*i (a SIP-tier call holds two RTP sessions on its node: the caller's and the gate's);
 * the PostgreSQL primary on CONSENT_GATE_TEST_PG_PORT + 1, the standby on + 2.
 
 Used by tests/integration/test_scale_out.py and bench/load/failover.py.
@@ -33,7 +33,9 @@ from consent_gate_rig.random_callers import (
     InvariantReport,
     LocalCall,
     LocalTier,
+    SipTier,
     random_call,
+    resolve_sip_gate_channels,
     run_local_calls,
     settled_report,
 )
@@ -43,10 +45,10 @@ from consent_gate_rig.sandbox import AsteriskSandbox, SandboxSettings
 def node_settings(index: int, base: SandboxSettings | None = None) -> SandboxSettings:
     base = base or sandbox_settings_for_tests()
     step = 4 + 2 * index
-    rtp = base.rtp_end + 201 + 100 * index
+    rtp = base.rtp_end + 201 + 200 * index
     return dataclasses.replace(base, name=f"{base.name}-node{index}", sip_port=base.sip_port + step,
                                http_port=base.http_port + step, ami_port=base.ami_port + step,
-                               rtp_start=rtp, rtp_end=rtp + 99)
+                               rtp_start=rtp, rtp_end=rtp + 199, system_name=f"{base.name}-node{index}")
 
 
 def cluster_ports() -> tuple[int, int]:
@@ -62,6 +64,7 @@ class Node:
     service: GateService
     log: AsteriskLog | None = None
     calls: list[LocalCall] = field(default_factory=list)
+    sip: bool = True
     recordings_before: set[str] = field(default_factory=set)
 
     def begin(self, calls: list[LocalCall]) -> None:
@@ -113,46 +116,59 @@ def journaled(nodes: Sequence[Node], call_ids: set[str]) -> list[dict]:
     return [e for node in nodes for e in journal_entries(node.service.journal_dir) if e["call_id"] in call_ids]
 
 
+def gate_ids(nodes: Sequence[Node]) -> set[str]:
+    """The ledger call_ids of every node's calls so far: a SIP call's is known once its node has
+    logged it (a call not yet there keeps a placeholder that matches nothing)."""
+    for node in nodes:
+        if node.sip:
+            assert node.log is not None
+            resolve_sip_gate_channels(node.calls, node.log.text())
+    return {c.gate_channel for node in nodes for c in node.calls}
+
+
 async def failover_under_load(cluster: PgCluster | PatroniCluster, nodes: Sequence[Node], *, calls_per_node: int,
                               concurrency_per_node: int, seed: int, tag: str,
-                              kill_after_decisions: int = 6, wave_after: int = 3) -> FailoverReport:
-    """Calls on every node; once ``kill_after_decisions`` decisions are stored the primary is
-    killed, and once a node has journaled a decision the standby is promoted.  Then, when the
-    journals have replayed, ``wave_after`` consenting calls per node must be granted and
-    recorded again.  Returns what the ledger and the recordings show, violations and all."""
+                              kill_after_decisions: int = 6, wave_after: int = 3,
+                              sip: bool = True) -> FailoverReport:
+    """Calls on every node (SIP calls, or ARI-Local ones with ``sip=False``); once
+    ``kill_after_decisions`` decisions are stored the primary is killed, and once a node has
+    journaled a decision the standby is promoted.  Then, when the journals have replayed,
+    ``wave_after`` consenting calls per node must be granted and recorded again.  Returns what
+    the ledger and the recordings show, violations and all."""
     report = FailoverReport()
     plans = [short_random_calls(seed + i, calls_per_node, f"{tag}n{i}") for i in range(len(nodes))]
     for node, plan in zip(nodes, plans, strict=True):
+        node.sip = sip
         node.begin(plan)
-    ids = {c.gate_channel for plan in plans for c in plan}
+    tier_type = SipTier if sip else LocalTier
     # 30 s, not 10: on the shared 2-core machine an originate once took longer than 10 s during
     # a Patroni failover (the slowest is reported).
-    async with LocalTier(nodes[0].sandbox, 30) as tier0, LocalTier(nodes[1].sandbox, 30) as tier1:
+    async with tier_type(nodes[0].sandbox, 30) as tier0, tier_type(nodes[1].sandbox, 30) as tier1:
         tiers = [tier0, tier1]
         load = [asyncio.create_task(run_local_calls(tier, node.calls, concurrency_per_node, per_call_timeout=90))
                 for tier, node in zip(tiers, nodes, strict=True)]
         try:
             async def enough_decided() -> bool:
-                return len(await decisions_stored(cluster.dsn, sorted(ids))) >= kill_after_decisions
+                return len(await decisions_stored(cluster.dsn, sorted(gate_ids(nodes)))) >= kill_after_decisions
 
             await wait_until(enough_decided, 60, f"{kill_after_decisions} decisions stored before the loss",
                              interval=0.2)
-            report.decided_before_loss = len(await decisions_stored(cluster.dsn, sorted(ids)))
+            report.decided_before_loss = len(await decisions_stored(cluster.dsn, sorted(gate_ids(nodes))))
             cluster.kill_primary()
             # From here on nothing can commit on the old primary: a grant stored later is a grant
             # in the new one (stored_at is the transaction's start, on the same clock).
             lost_at = time.time()
-            await wait_until(lambda: any(e["event"] in DECISIONS for e in journaled(nodes, ids)), 60,
-                             "a decision journaled while no primary is reachable", interval=0.05)
-            report.journaled_during_gap = sum(e["event"] in DECISIONS for e in journaled(nodes, ids))
+            await wait_until(lambda: any(e["event"] in DECISIONS for e in journaled(nodes, gate_ids(nodes))), 60,
+                             "a decision journaled while no primary is reachable", interval=0.1)
+            report.journaled_during_gap = sum(e["event"] in DECISIONS for e in journaled(nodes, gate_ids(nodes)))
             cluster.promote()
             report.gap_seconds = time.time() - lost_at
             await asyncio.gather(*load)
         finally:
             for task in load:
                 task.cancel()
-        await wait_until(lambda: not journaled(nodes, ids), 60, "every journal to replay into the new primary",
-                         interval=0.25)
+        await wait_until(lambda: not journaled(nodes, gate_ids(nodes)), 60,
+                         "every journal to replay into the new primary", interval=0.25)
         # After the failover: consenting callers are asked and recorded again, on every node.
         waves = [[LocalCall(tag=f"{tag}w{i}{j}", kind="grant", keys="1", delay=0.5, hold=1.5)
                   for j in range(wave_after)] for i in range(len(nodes))]
@@ -163,8 +179,13 @@ async def failover_under_load(cluster: PgCluster | PatroniCluster, nodes: Sequen
         await asyncio.gather(*(run_local_calls(tier, wave, wave_after, per_call_timeout=90)
                                for tier, wave in zip(tiers, waves, strict=True)))
         report.slowest_originate = max(tier.slowest_originate for tier in tiers)
-    all_ids = {c.gate_channel for node in nodes for c in node.calls}
+    all_ids = gate_ids(nodes)
     report.calls = len(all_ids)
+    for node in nodes:
+        if node.sip:
+            assert node.log is not None
+            unseen = resolve_sip_gate_channels(node.calls, node.log.text())
+            report.violations += [f"{node.sandbox.settings.name}: SIP call {t} never reached the gate" for t in unseen]
     for node in nodes:
         assert node.log is not None
         node_report = await settled_report(node.calls, cluster.dsn, node.sandbox.recordings_dir,
@@ -183,9 +204,10 @@ async def failover_under_load(cluster: PgCluster | PatroniCluster, nodes: Sequen
                 report.unacknowledged_grants.append(call_id)
     if report.unacknowledged_grants:
         # check_invariant counted those as two decisions: they are the documented exception.
+        tag_of = {c.gate_channel: c.tag for node in nodes for c in node.calls}
         report.violations = [v for v in report.violations
-                             if not any(f"{cid.removeprefix('cgl-').removesuffix('-2')} (" in v
-                                        and "2 decisions" in v for cid in report.unacknowledged_grants)]
+                             if not any(f"{tag_of[cid]} (" in v and "2 decisions" in v
+                                        for cid in report.unacknowledged_grants)]
     fresh = [d for d in decisions if d["event"] == "granted" and not d["via_journal"]
              and d["stored_at"].timestamp() > lost_at]
     if fresh:

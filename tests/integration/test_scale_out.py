@@ -6,7 +6,9 @@ without a grant there, the calls deciding during the gap fail closed, and afterw
 callers are recorded again on both nodes.
 
 Real parts: two sandbox Asterisk 22 instances, two service processes, two PostgreSQL 15 servers.
-The calls are ARI-Local calls (keys sent by the cgcaller dialplan), spread over both nodes.
+The calls are SIP calls spread over both nodes: each node's Asterisk places them to itself over
+loopback (consent_gate_rig.random_callers.SipTier: INVITE with digest auth, RTP, RFC 4733 keys
+sent by the cgcaller dialplan), so the gate runs on a PJSIP channel as for a phone.
 Ports: consent_gate_rig.scaleout (derived from the session's, so CI's defaults work as well).
 """
 
@@ -99,6 +101,8 @@ async def test_primary_lost_under_load_loses_no_decision_and_records_no_one_with
           f"loss -> first new grant {report.loss_to_first_new_grant} s, "
           f"unacknowledged grants {report.unacknowledged_grants}, slowest originate {report.slowest_originate:.2f} s")
     assert not report.violations, f"seed {seed}: " + "\n".join(report.violations[:20])
+    gate_channels = {call.gate_name.split("-")[0] for node in nodes for call in node.calls}
+    assert gate_channels == {"PJSIP/caller"}, f"every gate channel is a SIP call's: {gate_channels}"
     # Every call of both nodes has its decision in the new primary (check_invariant: exactly one).
     assert sum(report.outcomes[k] for k in DECISIONS) == report.calls == 2 * (20 + 3)
     assert report.decided_before_loss > 0 and report.journaled_during_gap > 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest_asyncio
 
 from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import Ledger, migrate
+from consent_gate_rig.fakes import ScriptedAmi, ScriptedAriInfo
 from consent_gate_rig.pgsandbox import PgSandbox
 
 
@@ -76,3 +79,55 @@ def recdir(tmp_path: Path) -> Path:
     directory = tmp_path / "recordings"
     directory.mkdir(mode=0o700)
     return directory
+
+
+# -- the ARI service checked as a subprocess (--check-config, start-up) ------------------------
+
+SERVICE_SECRETS = {"CONSENT_GATE_HMAC_KEY": "private-dir-hmac-key-0123456789", "CONSENT_GATE_ARI_PASSWORD": "ari-pw-1"}
+
+
+@pytest.fixture
+def private(tmp_path: Path) -> Path:
+    """A recordings directory as the service wants it: 0700, ours."""
+    directory = tmp_path / "recordings"
+    directory.mkdir(mode=0o700)
+    return directory
+
+
+def _serve_in_thread(server: ScriptedAmi | ScriptedAriInfo) -> Iterator[None]:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def ami() -> Iterator[ScriptedAmi]:
+    server = ScriptedAmi("right-ami-secret")
+    for _ in _serve_in_thread(server):
+        yield server
+
+
+@pytest.fixture
+def ari_info() -> Iterator[ScriptedAriInfo]:
+    """ARI's /asterisk/info for --check-config (the node's Asterisk systemname: "pbx-a")."""
+    server = ScriptedAriInfo("consent-gate", SERVICE_SECRETS["CONSENT_GATE_ARI_PASSWORD"], "pbx-a")
+    for _ in _serve_in_thread(server):
+        yield server
+
+
+@pytest.fixture
+def service_env(tmp_path: Path, private: Path, ami: ScriptedAmi, ari_info: ScriptedAriInfo, db: str) -> dict[str, str]:
+    """The environment of a consent-gate-ari process whose every dependency answers: its own
+    migrated ledger (--check-config compares the node with it), a scripted AMI and ARI."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONSENT_GATE_")}
+    env.update(SERVICE_SECRETS, CONSENT_GATE_DSN=db, CONSENT_GATE_RECORDINGS_DIR=str(private),
+               CONSENT_GATE_RECORDINGS_OWNER=str(os.geteuid()), CONSENT_GATE_JOURNAL_DIR=str(tmp_path / "journal"),
+               CONSENT_GATE_AMI_HOST="127.0.0.1", CONSENT_GATE_AMI_PORT=str(ami.server_address[1]),
+               CONSENT_GATE_AMI_USER="cg-check", CONSENT_GATE_AMI_SECRET="right-ami-secret",
+               CONSENT_GATE_ARI_URL=ari_info.url, CONSENT_GATE_ARI_USER="consent-gate")
+    return env
+

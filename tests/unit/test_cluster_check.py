@@ -1,21 +1,19 @@
 """Several nodes, one ledger (issue 15): a node's HMAC key and prompt set must match those the
-ledger already knows.  Against the real test PostgreSQL (a migrated database per test) and, for
---check-config, the real service process (tests/unit/test_recordings_private.py's fixtures)."""
+ledger already knows, and its Asterisk's systemname must be its own (call ids are channel
+uniqueids).  Against the real test PostgreSQL (a migrated database per test) and, for
+--check-config, the real service process (tests/unit/conftest.py's service fixtures)."""
 
 from __future__ import annotations
+
+import threading
 
 import asyncpg
 import pytest
 
 from consent_gate.ledger.cluster import ClusterMismatch, check_node, key_fingerprint
 from consent_gate.prompts.catalog import PromptCatalog, packaged_sounds_dir
-from tests.unit.test_recordings_private import (  # noqa: F401  (fixtures)
-    ScriptedAmi,
-    _service,
-    ami,
-    private,
-    service_env,
-)
+from consent_gate_rig.fakes import ScriptedAmi, ScriptedAriInfo
+from consent_gate_rig.harness import run_ari_command
 
 KEY = b"cluster-check-key-0123456789abcdef"
 PROMPTS = [("da", "question-training", "a" * 64), ("en", "question-training", "b" * 64)]
@@ -47,18 +45,55 @@ async def test_another_key_or_another_prompt_set_is_refused(db: str) -> None:
         await check_node(db, hmac_key=KEY, prompts=[*PROMPTS, ("en", "granted", "d" * 64)], node="pbx-b")
 
 
-def test_check_config_compares_the_node_with_the_ledger(service_env: dict[str, str], ami: ScriptedAmi) -> None:  # noqa: F811
-    code, output = _service(service_env, "--check-config")
+async def test_two_nodes_may_not_share_an_asterisk_systemname(db: str) -> None:
+    await check_node(db, hmac_key=KEY, prompts=PROMPTS, system_name="pbx-a", node="host-a")
+    await check_node(db, hmac_key=KEY, prompts=PROMPTS, system_name="pbx-a", node="host-a")  # again: fine
+    await check_node(db, hmac_key=KEY, prompts=PROMPTS, system_name="pbx-b", node="host-b")
+    with pytest.raises(ClusterMismatch, match="systemname 'pbx-a' is already used by node 'host-a'"):
+        await check_node(db, hmac_key=KEY, prompts=PROMPTS, system_name="pbx-a", node="host-c")
+    # No systemname is a systemname too: the second node without one would repeat the first's ids.
+    await check_node(db, hmac_key=KEY, prompts=PROMPTS, system_name="", node="host-d")
+    with pytest.raises(ClusterMismatch, match=r"systemname \(none set\) is already used by node 'host-d'"):
+        await check_node(db, hmac_key=KEY, prompts=PROMPTS, system_name="", node="host-e")
+
+
+def test_check_config_refuses_a_second_node_with_the_same_systemname(
+    service_env: dict[str, str], ami: ScriptedAmi, ari_info: ScriptedAriInfo,
+) -> None:
+    code, output = run_ari_command(service_env, "--check-config")
+    assert (code, output.strip()) == (0, "configuration ok")
+    assert [path.split("?")[0] for path in ari_info.requests] == ["/ari/asterisk/info"]
+    twin = ScriptedAriInfo("consent-gate", service_env["CONSENT_GATE_ARI_PASSWORD"], ari_info.system_name)
+    other = ScriptedAriInfo("consent-gate", service_env["CONSENT_GATE_ARI_PASSWORD"], "pbx-b")
+    for server in (twin, other):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_ARI_URL=twin.url)
+        assert code == 2 and "cluster: Asterisk systemname 'pbx-a' is already used by node" in output, output
+        code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_ARI_URL=other.url)
+        assert (code, output.strip()) == (0, "configuration ok")
+        code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_ARI_URL=other.url,
+                                       CONSENT_GATE_ARI_PASSWORD="wrong-ari-password")
+        assert code == 2 and f"ari: cannot read Asterisk's settings at {other.url} as 'consent-gate'" in output
+        assert "wrong-ari-password" not in output
+    finally:
+        for server in (twin, other):
+            server.shutdown()
+            server.server_close()
+
+
+def test_check_config_compares_the_node_with_the_ledger(service_env: dict[str, str], ami: ScriptedAmi) -> None:
+    code, output = run_ari_command(service_env, "--check-config")
     assert (code, output.strip()) == (0, "configuration ok")
     # A second node with another key: refused, and the message shows no key.
     other = "another-nodes-hmac-key-987654321"
-    code, output = _service(service_env, "--check-config", CONSENT_GATE_HMAC_KEY=other)
+    code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_HMAC_KEY=other)
     assert code == 2 and "cluster: the HMAC key differs" in output, output
     assert other not in output and service_env["CONSENT_GATE_HMAC_KEY"] not in output
 
 
-def test_check_config_fails_when_it_cannot_reach_the_ledger(service_env: dict[str, str], ami: ScriptedAmi) -> None:  # noqa: F811
-    code, output = _service(service_env, "--check-config",
+def test_check_config_fails_when_it_cannot_reach_the_ledger(service_env: dict[str, str], ami: ScriptedAmi) -> None:
+    code, output = run_ari_command(service_env, "--check-config",
                             CONSENT_GATE_DSN="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
     assert code == 2 and "ledger: cannot compare this node with the ledger" in output, output
 

@@ -25,8 +25,8 @@ from consent_gate.core.events import EventKind
 from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import Durability, Ledger, host_dsns, migrate
 from consent_gate_rig.calls import wait_until
+from consent_gate_rig.ledgerdata import make_event, unique_call
 from consent_gate_rig.pgsandbox import PgCluster, child_pids
-from tests.unit.test_ledger_pg import make_event, unique_call
 
 BASE_PORT = int(os.environ.get("CONSENT_GATE_TEST_PG_PORT", "25532"))
 

@@ -3,44 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from consent_gate.core.events import ConsentEvent, EventKind, new_recording_id
+from consent_gate.core.events import EventKind
 from consent_gate.ledger.journal import Journal
 from consent_gate.ledger.store import SQL_DIR as _SQL_DIR
 from consent_gate.ledger.store import Durability, Ledger, MigrationError, migrate
+from consent_gate_rig.ledgerdata import make_event, unique_call
 from consent_gate_rig.pgsandbox import PgSandbox
 
 ALL_MIGRATIONS = sorted(p.name for p in _SQL_DIR.glob("[0-9][0-9][0-9]_*.sql"))
 
 T = 20.0  # upper bound for any wait on the background replayer; never slept
-
-
-def make_event(call_id: str, kind: EventKind = EventKind.GRANTED, **fields: Any) -> ConsentEvent:
-    now = datetime.now(UTC)
-    values: dict[str, Any] = dict(
-        consent_id=uuid.uuid4(), call_id=call_id, event=kind, purpose="training", legal_basis="consent",
-        occurred_at=now, source="ari", language="da",
-        prompt_version=hashlib.sha256(b"question").hexdigest(), digit="1",
-        caller_ref=hashlib.sha256(b"caller").hexdigest(),
-        recording_id=new_recording_id() if kind is EventKind.GRANTED else None,
-        prompt_started_at=now - timedelta(seconds=4), decided_at=now - timedelta(seconds=1),
-        detail={"attempts": 1, "invalid_keys": []},
-    )
-    values.update(fields)
-    return ConsentEvent(**values)
-
-
-def unique_call() -> str:
-    return f"test-{uuid.uuid4().hex}"
 
 
 def app_dsn(sandbox: PgSandbox, database: str) -> str:

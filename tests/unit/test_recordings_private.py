@@ -14,11 +14,8 @@ import os
 import pwd
 import shutil
 import socket
-import socketserver
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -36,18 +33,13 @@ from consent_gate.recordings import (
     private_dir_problem,
     recordings_dir_problem,
 )
+from consent_gate_rig.fakes import ScriptedAmi
+from consent_gate_rig.harness import run_ari_command
 
 ROOT = Path(__file__).resolve().parents[2]
 SOUNDS = packaged_sounds_dir()
 ME = os.geteuid()
 SECRETS = {"CONSENT_GATE_HMAC_KEY": "private-dir-hmac-key-0123456789", "CONSENT_GATE_ARI_PASSWORD": "ari-pw-1"}
-
-
-@pytest.fixture
-def private(tmp_path: Path) -> Path:
-    directory = tmp_path / "recordings"
-    directory.mkdir(mode=0o700)
-    return directory
 
 
 # -- the directory check ----------------------------------------------------------------------
@@ -160,75 +152,8 @@ def test_unknown_owner_fails_the_grant_check(private: Path) -> None:
 
 # -- the ARI service: start-up and --check-config ----------------------------------------------
 
-class ScriptedAmi(socketserver.ThreadingTCPServer):
-    """Asterisk's AMI login exchange: accepts ``secret``, refuses anything else."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, secret: str) -> None:
-        self.secret = secret
-        self.logins: list[str] = []
-        super().__init__(("127.0.0.1", 0), _AmiHandler)
-
-
-class _AmiHandler(socketserver.StreamRequestHandler):
-    server: ScriptedAmi
-
-    def handle(self) -> None:
-        self.wfile.write(b"Asterisk Call Manager/9.0.0\r\n")
-        message: dict[str, str] = {}
-        for raw in self.rfile:
-            line = raw.decode().rstrip("\r\n")
-            if line:
-                key, _, value = line.partition(":")
-                message[key.strip()] = value.strip()
-            elif message:
-                self._reply(message)
-                message = {}
-
-    def _reply(self, message: dict[str, str]) -> None:
-        if message.get("Action") == "Login":
-            self.server.logins.append(message.get("Username", ""))
-            ok = message.get("Secret") == self.server.secret
-            reply = "Success\r\nMessage: Authentication accepted" if ok else "Error\r\nMessage: Authentication failed"
-        else:
-            reply = "Success\r\nPing: Pong"
-        self.wfile.write(f"Response: {reply}\r\nActionID: {message.get('ActionID', '')}\r\n\r\n".encode())
-
-
-@pytest.fixture
-def ami() -> Iterator[ScriptedAmi]:
-    server = ScriptedAmi("right-ami-secret")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture
-def service_env(tmp_path: Path, private: Path, ami: ScriptedAmi, db: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CONSENT_GATE_")}
-    # --check-config compares the node with the ledger (a migrated database of its own).
-    env.update(SECRETS, PYTHONPATH=str(ROOT), CONSENT_GATE_DSN=db, CONSENT_GATE_RECORDINGS_DIR=str(private),
-               CONSENT_GATE_RECORDINGS_OWNER=str(ME), CONSENT_GATE_JOURNAL_DIR=str(tmp_path / "journal"),
-               CONSENT_GATE_AMI_HOST="127.0.0.1", CONSENT_GATE_AMI_PORT=str(ami.server_address[1]),
-               CONSENT_GATE_AMI_USER="cg-check", CONSENT_GATE_AMI_SECRET="right-ami-secret")
-    return env
-
-
-def _service(env: dict[str, str], *args: str, **changes: str) -> tuple[int, str]:
-    """consent-gate-ari as systemd runs it (a process of its own); its exit code and output."""
-    done = subprocess.run([sys.executable, "-m", "consent_gate.ari.main", "--log-format", "console", *args],
-                          env={**env, **changes}, capture_output=True, text=True, timeout=60, check=False)
-    return done.returncode, done.stdout + done.stderr
-
-
 def test_check_config_passes_and_leaves_no_probe(service_env: dict[str, str], ami: ScriptedAmi) -> None:
-    code, output = _service(service_env, "--check-config")
+    code, output = run_ari_command(service_env, "--check-config")
     assert (code, output.strip()) == (0, "configuration ok")
     assert ami.logins == ["cg-check"]  # it did log in
     assert list(Path(service_env["CONSENT_GATE_JOURNAL_DIR"]).iterdir()) == []
@@ -244,10 +169,10 @@ def test_check_config_and_start_up_fail_naming_the_directory(
         os.chown(private, 54321, -1)
     else:
         shutil.rmtree(private)
-    code, output = _service(service_env, "--check-config")
+    code, output = run_ari_command(service_env, "--check-config")
     assert code == 2 and f"recordings.dir {private}" in output
     # Without --check-config the service refuses to start the same way (before any connection).
-    code, output = _service(service_env)
+    code, output = run_ari_command(service_env)
     assert code == 2 and f"recordings.dir {private}" in output
     assert ami.logins == []
 
@@ -255,7 +180,7 @@ def test_check_config_and_start_up_fail_naming_the_directory(
 def test_check_config_fails_on_a_refused_ami_login_without_showing_the_secret(
     service_env: dict[str, str], ami: ScriptedAmi,
 ) -> None:
-    code, output = _service(service_env, "--check-config", CONSENT_GATE_AMI_SECRET="wrong-ami-secret")
+    code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_AMI_SECRET="wrong-ami-secret")
     assert code == 2
     assert f"ami: cannot log in to 127.0.0.1:{ami.server_address[1]} as 'cg-check'" in output
     assert "Authentication failed" in output
@@ -266,7 +191,7 @@ def test_check_config_fails_when_ami_does_not_answer(service_env: dict[str, str]
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # bound, never listening: connection refused
-        code, output = _service(service_env, "--check-config", CONSENT_GATE_AMI_PORT=str(port))
+        code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_AMI_PORT=str(port))
     assert code == 2 and f"ami: cannot log in to 127.0.0.1:{port} as 'cg-check'" in output
     assert "right-ami-secret" not in output
 
@@ -274,7 +199,7 @@ def test_check_config_fails_when_ami_does_not_answer(service_env: dict[str, str]
 def test_check_config_fails_when_the_journal_is_not_writable(service_env: dict[str, str], tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")  # root ignores modes: a path through a file cannot be created by anyone
-    code, output = _service(service_env, "--check-config", CONSENT_GATE_JOURNAL_DIR=str(blocker / "journal"))
+    code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_JOURNAL_DIR=str(blocker / "journal"))
     assert code == 2 and f"ledger.journal_dir {blocker / 'journal'}: not writable" in output
 
 

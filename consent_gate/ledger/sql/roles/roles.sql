@@ -59,7 +59,7 @@ GRANT INSERT ON consent_events TO consent_gate_gate;
 GRANT SELECT (event_id) ON consent_events TO consent_gate_gate;
 GRANT USAGE ON SEQUENCE consent_events_seq_seq TO consent_gate_gate;
 -- The node check (--check-config): read the shared fingerprints, record the first ones.
-GRANT SELECT, INSERT ON cluster_identity TO consent_gate_gate;
+GRANT SELECT, INSERT ON cluster_identity, cluster_nodes TO consent_gate_gate;
 
 -- The tools.
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO consent_gate_admin;
