@@ -3,7 +3,7 @@
 the time from losing the PostgreSQL primary to the first new grant stored in the promoted standby.
 
     python3 bench/load/scale_out.py [--calls-per-node 40] [--concurrency-per-node 12] [--failovers 3] \
-        [--promote pg_ctl|patroni] --out bench/load/scale-out.json
+        [--promote pg_ctl|patroni] [--tier sip|local] --out bench/load/scale-out.json
 
 (``--calls-per-node 0``: the failovers only.)
 
@@ -11,8 +11,9 @@ Real parts: two sandbox Asterisk 22 nodes (ports: consent_gate_rig.scaleout, der
 CONSENT_GATE_SANDBOX_* variables), one consent-gate ARI service per node, a PostgreSQL primary
 with a synchronous streaming standby (CONSENT_GATE_TEST_PG_PORT + 1 and + 2).
 
-* Throughput: ``--calls-per-node`` consenting ARI-Local calls per node (key 1 after 0.5 s, hang
-  up 1 s after the confirmation), ``--concurrency-per-node`` at once on each node, first on node 0
+* Throughput: ``--calls-per-node`` consenting calls per node (key 1 after 0.5 s, hang up 1 s
+  after the confirmation; SIP calls that each node's Asterisk places to itself, or ARI-Local
+  calls with ``--tier local``), ``--concurrency-per-node`` at once on each node, first on node 0
   alone, then on both nodes at once.  CPU = user + system time (``/proc/PID/stat``) of the
   services, the Asterisk processes and every PostgreSQL process (primary and standby), between
   the first originate and the last hang-up.
@@ -36,9 +37,9 @@ import uuid
 from pathlib import Path
 
 from consent_gate.ledger.store import migrate
-from consent_gate_rig.harness import SANDBOX_PURPOSES, GateService
+from consent_gate_rig.harness import SANDBOX_PURPOSES, AsteriskLog, GateService
 from consent_gate_rig.pgsandbox import PatroniCluster, PgCluster, child_pids
-from consent_gate_rig.random_callers import LocalCall, LocalTier, run_local_calls
+from consent_gate_rig.random_callers import LocalCall, LocalTier, SipTier, resolve_sip_gate_channels, run_local_calls
 from consent_gate_rig.sandbox import AsteriskSandbox
 from consent_gate_rig.scaleout import Node, cluster_ports, decisions_stored, failover_under_load, node_settings
 
@@ -66,7 +67,8 @@ def processes(cluster: PgCluster | PatroniCluster, nodes: list[Node]) -> list[in
     return pids
 
 
-async def throughput(cluster: PgCluster | PatroniCluster, nodes: list[Node], active: int, calls: int, concurrency: int) -> dict:
+async def throughput(cluster: PgCluster | PatroniCluster, nodes: list[Node], active: int, calls: int, concurrency: int,
+                     sip: bool) -> dict:
     tag = f"tp{uuid.uuid4().hex[:6]}"
     plans = [[LocalCall(tag=f"{tag}n{i}c{j:03d}", kind="grant", keys="1", delay=0.5, hold=1.0)
               for j in range(calls)] for i in range(active)]
@@ -74,7 +76,8 @@ async def throughput(cluster: PgCluster | PatroniCluster, nodes: list[Node], act
     cpu_before = {pid: cpu_seconds(pid) for pid in pids}
     load_before = os.getloadavg()[0]
     started = time.monotonic()
-    tiers = [LocalTier(node.sandbox) for node in nodes[:active]]
+    logs = [AsteriskLog(node.sandbox.full_log) for node in nodes[:active]]
+    tiers = [(SipTier if sip else LocalTier)(node.sandbox) for node in nodes[:active]]
     for tier in tiers:
         await tier.__aenter__()
     try:
@@ -84,12 +87,15 @@ async def throughput(cluster: PgCluster | PatroniCluster, nodes: list[Node], act
         for tier in tiers:
             await tier.__aexit__(None, None, None)
     elapsed = time.monotonic() - started
+    if sip:
+        for log, plan in zip(logs, plans, strict=True):
+            resolve_sip_gate_channels(plan, log.text())
     # Processes started meanwhile (new backends) count from zero.
     cpu = sum(cpu_seconds(pid) - cpu_before.get(pid, 0.0) for pid in set(pids) | set(processes(cluster, nodes)))
     ids = [c.gate_channel for plan in plans for c in plan]
     decisions = await decisions_stored(cluster.dsn, ids)
     granted = sum(d["event"] == "granted" for d in decisions)
-    return {"nodes": active, "calls": len(ids), "concurrency_per_node": concurrency,
+    return {"nodes": active, "tier": "sip" if sip else "local", "calls": len(ids), "concurrency_per_node": concurrency,
             "elapsed_s": round(elapsed, 2), "calls_per_s": round(len(ids) / elapsed, 2),
             "cpu_s": round(cpu, 2), "cpu_ms_per_call": round(1000 * cpu / len(ids), 1),
             "granted": granted, "decisions": len(decisions), "loadavg_1min_before": round(load_before, 2)}
@@ -120,9 +126,11 @@ async def main_async(args: argparse.Namespace) -> int:
             nodes.append(Node(sandbox, GateService(sandbox, cluster.dsn, work, config_path=config)))
             await nodes[-1].service.start()
         result["promote"] = args.promote
+        result["tier"] = args.tier
         if args.calls_per_node:
             result["throughput"] = [
-                await throughput(cluster, nodes, active, args.calls_per_node, args.concurrency_per_node)
+                await throughput(cluster, nodes, active, args.calls_per_node, args.concurrency_per_node,
+                                 sip=args.tier == "sip")
                 for active in (1, 2)
             ]
         failovers = []
@@ -135,7 +143,8 @@ async def main_async(args: argparse.Namespace) -> int:
                     node.service.dsn = cluster.dsn
                     await node.service.start()
             report = await failover_under_load(cluster, nodes, calls_per_node=20, concurrency_per_node=12,
-                                               seed=args.seed + run, tag=f"bf{uuid.uuid4().hex[:6]}")
+                                               seed=args.seed + run, tag=f"bf{uuid.uuid4().hex[:6]}",
+                                               sip=args.tier == "sip")
             failovers.append({
                 "calls": report.calls, "outcomes": dict(report.outcomes),
                 "decided_before_loss": report.decided_before_loss, "journaled_in_gap": report.journaled_during_gap,
@@ -165,6 +174,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--promote", choices=("pg_ctl", "patroni"), default="pg_ctl",
                         help="who promotes the standby: the rig (pg_ctl promote) or Patroni")
+    parser.add_argument("--tier", choices=("sip", "local"), default="sip",
+                        help="the callers: SIP calls each node places to itself, or ARI-Local channels")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "scale-out.json")
     args = parser.parse_args()
     if args.calls_per_node > 500 or args.concurrency_per_node > 30 or args.failovers > 10:

@@ -12,7 +12,7 @@ import asyncio
 import enum
 import uuid
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -350,10 +350,15 @@ async def _store(
     elif wants_recording and not settings.record_when_journaled:
         # A grant counts only once it is in the database; if it is not, nothing is recorded and
         # the journal gets the truth: the caller pressed the key, the gate was unavailable.
-        state.durability = await gate.ledger.append(event(EventKind.GRANTED, recording_id), use_journal=False)
+        grant = event(EventKind.GRANTED, recording_id)
+        state.durability = await gate.ledger.append(grant, use_journal=False)
         if state.durability is not Durability.DATABASE:
-            state.durability = await gate.ledger.append(
-                event(EventKind.UNAVAILABLE, None, reason="ledger-unavailable", pressed="granted"))
+            # The grant may be stored all the same (the primary lost after its standby had the
+            # commit, only the reply lost).  The fallback takes the grant's event_id, so the
+            # ledger keeps exactly one of them: the grant (nothing recorded, as when a caller
+            # hangs up right after the key) or this.
+            fallback = event(EventKind.UNAVAILABLE, None, reason="ledger-unavailable", pressed="granted")
+            state.durability = await gate.ledger.append(replace(fallback, event_id=grant.event_id))
             decision, recording_id = Decision.UNAVAILABLE, None
     else:
         state.durability = await gate.ledger.append(event(EventKind(decision.value), recording_id))

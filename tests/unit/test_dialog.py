@@ -390,6 +390,30 @@ async def test_database_down_grant_is_unavailable_and_journaled(dead_ledger: Led
     assert out.state.durability is Durability.JOURNAL
 
 
+class AckLostLedger(Ledger):
+    """A real ledger whose first grant is committed but reported failed: the primary lost
+    after its synchronous standby had the commit, before the reply reached the service."""
+
+    async def append(self, event: ConsentEvent, *, use_journal: bool = True) -> Durability:
+        stored = await super().append(event, use_journal=use_journal)
+        if event.event is EventKind.GRANTED and stored is Durability.DATABASE:
+            return Durability.LOST
+        return stored
+
+
+async def test_a_grant_stored_but_unacknowledged_leaves_exactly_one_decision(pg_dsn: str, tmp_path: Path) -> None:
+    ledger = AckLostLedger(pg_dsn, Journal(tmp_path / "journal"), write_timeout=5.0)
+    try:
+        out = await run(ScriptedPort(Play(Q, "1")), ledger)
+        assert out.result.status is Decision.UNAVAILABLE and out.result.recording_id is None  # not recorded
+        await ledger.replay_journal()
+        rows = await stored(ledger, out)
+        assert [row["event"] for row in rows] == ["granted"], "one decision: the stored grant, no second"
+        assert ledger.journal.pending() == [] and ledger.journal.quarantined_lines() == 0
+    finally:
+        await ledger.close()
+
+
 async def test_database_down_grant_records_when_journaling_is_allowed(dead_ledger: Ledger) -> None:
     out = await run(ScriptedPort(Play(Q, "1")), dead_ledger, settings=make_settings(record_when_journaled=True))
     assert out.result.status is Decision.GRANTED
