@@ -52,13 +52,13 @@ async def check_ami_login(settings: Settings) -> None:
         await ami.close()
 
 
-async def read_system_name(settings: Settings) -> str:
-    """This node's Asterisk systemname, read over ARI (the login is checked on the way)."""
+async def read_node_identity(settings: Settings) -> tuple[str, str]:
+    """This node's Asterisk (systemname, entity id), read over ARI (the login is checked too)."""
     config = AriConfig(base_url=settings.ari_url, username=settings.ari_user,
                        password=settings.ari_password, app=settings.ari_app)
     try:
         async with AriClient(config) as client:
-            return await client.system_name()
+            return await client.node_identity()
     except AriError as error:
         raise ConfigError(f"ari: cannot read Asterisk's settings at {settings.ari_url} as "
                           f"{settings.ari_user!r}: {error}") from None
@@ -68,8 +68,8 @@ async def check_cluster(settings: Settings, catalog: PromptCatalog) -> None:
     """Several nodes share one ledger: this node's HMAC key and prompt set must be the ones the
     ledger already knows (the first node to check records its own), and its Asterisk's
     systemname must be its own (channel uniqueids, the ledger's call ids, carry it)."""
-    system_name = await read_system_name(settings)
-    node = f"{socket.gethostname()} {settings.ari_url}"
+    system_name, entity_id = await read_node_identity(settings)
+    node = f"Asterisk {entity_id or 'without entity id'} on {socket.gethostname()}"
     try:
         await check_node(settings.database_dsn, hmac_key=settings.hmac_key, prompts=catalog.inventory(),
                          system_name=system_name, node=node)

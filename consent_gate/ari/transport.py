@@ -177,12 +177,16 @@ class AriClient:
             raise ChannelGone(status, method, path, body)
         raise AriError(status, method, path, body)
 
-    async def system_name(self) -> str:
-        """Asterisk's ``systemname`` (asterisk.conf [options]; "" when unset): the prefix of every
-        channel uniqueid, so what keeps call ids apart when several nodes share one ledger."""
-        body = await self.request("GET", "/asterisk/info", params={"only": "config"})
-        name = body.get("config", {}).get("name", "") if isinstance(body, dict) else ""
-        return name if isinstance(name, str) else ""
+    async def node_identity(self) -> tuple[str, str]:
+        """(systemname, entity id) of this Asterisk.  The systemname (asterisk.conf [options];
+        "" when unset) prefixes every channel uniqueid, so it keeps call ids apart when several
+        nodes share one ledger; the entity id (``entityid``, by default from a MAC address)
+        tells the nodes apart."""
+        body = await self.request("GET", "/asterisk/info")
+        body = body if isinstance(body, dict) else {}
+        name = (body.get("config") or {}).get("name", "")
+        entity = (body.get("system") or {}).get("entity_id", "")
+        return (name if isinstance(name, str) else "", entity if isinstance(entity, str) else "")
 
     async def answer(self, channel_id: str) -> None:
         await self.request("POST", f"/channels/{_q(channel_id)}/answer")

@@ -290,14 +290,17 @@ class _AmiHandler(socketserver.StreamRequestHandler):
 
 
 class ScriptedAriInfo(http.server.ThreadingHTTPServer):
-    """ARI's ``GET /ari/asterisk/info`` in a thread: Asterisk's settings, ``system_name`` as its
-    systemname, for ``username``/``password`` only (401 otherwise); 404 for any other path."""
+    """ARI's ``GET /ari/asterisk/info`` in a thread: an Asterisk with ``system_name`` as its
+    systemname and ``entity_id``, for ``username``/``password`` only (401 otherwise); 404 for
+    any other path."""
 
     daemon_threads = True
 
-    def __init__(self, username: str, password: str, system_name: str = "") -> None:
+    def __init__(self, username: str, password: str, system_name: str = "",
+                 entity_id: str = "02:00:00:00:00:0a") -> None:
         self.token = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
         self.system_name = system_name
+        self.entity_id = entity_id
         self.requests: list[str] = []
         super().__init__(("127.0.0.1", 0), _AriInfoHandler)
 
@@ -314,7 +317,8 @@ class _AriInfoHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != self.server.token:
             self._send(401, {"message": "Authentication required"})
         elif self.path.split("?")[0] == "/ari/asterisk/info":
-            self._send(200, {"config": {"name": self.server.system_name, "default_language": "en"}})
+            self._send(200, {"config": {"name": self.server.system_name, "default_language": "en"},
+                             "system": {"entity_id": self.server.entity_id, "version": "22.10.1"}})
         else:
             self._send(404, {"message": "Resource not found"})
 

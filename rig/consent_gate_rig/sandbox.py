@@ -99,6 +99,9 @@ class SandboxSettings:
     # asterisk.conf systemname ("" = none): the prefix of channel uniqueids, which nodes sharing
     # one ledger must each have their own of (consent_gate.ledger.cluster).
     system_name: str = ""
+    # asterisk.conf entityid ("" = Asterisk's default, from a MAC address): what tells nodes
+    # apart; sandboxes on one machine share the default, so the scale-out nodes get their own.
+    entity_id: str = ""
     # Asterisk's umask; None: the UMask= of the shipped drop-in (what a deployed Asterisk gets).
     umask: int | None = None
 
@@ -563,6 +566,7 @@ class AsteriskSandbox:
             "INSTANCE": str(self.inside_dir),
             "SIP_PORT": str(self.settings.sip_port),
             "SYSTEM_NAME": self.settings.system_name,
+            "ENTITY_ID_LINE": f"entityid = {self.settings.entity_id}" if self.settings.entity_id else "",
             "HTTP_PORT": str(self.settings.http_port),
             "AMI_PORT": str(self.settings.ami_port),
             "RTP_START": str(self.settings.rtp_start),

@@ -49,7 +49,8 @@ def node_settings(index: int, base: SandboxSettings | None = None) -> SandboxSet
     rtp = base.rtp_end + 201 + 200 * index
     return dataclasses.replace(base, name=f"{base.name}-node{index}", sip_port=base.sip_port + step,
                                http_port=base.http_port + step, ami_port=base.ami_port + step,
-                               rtp_start=rtp, rtp_end=rtp + 199, system_name=f"{base.name}-node{index}")
+                               rtp_start=rtp, rtp_end=rtp + 199, system_name=f"{base.name}-node{index}",
+                               entity_id=f"02:00:00:00:00:{index:02x}")
 
 
 def cluster_ports() -> tuple[int, int]:

@@ -63,13 +63,19 @@ def test_check_config_refuses_a_second_node_with_the_same_systemname(
     code, output = run_ari_command(service_env, "--check-config")
     assert (code, output.strip()) == (0, "configuration ok")
     assert [path.split("?")[0] for path in ari_info.requests] == ["/ari/asterisk/info"]
-    twin = ScriptedAriInfo("consent-gate", service_env["CONSENT_GATE_ARI_PASSWORD"], ari_info.system_name)
-    other = ScriptedAriInfo("consent-gate", service_env["CONSENT_GATE_ARI_PASSWORD"], "pbx-b")
-    for server in (twin, other):
+    password = service_env["CONSENT_GATE_ARI_PASSWORD"]
+    # Another Asterisk (entity id) with the same systemname; another with its own; the same
+    # Asterisk reached through another URL is still the same node.
+    twin = ScriptedAriInfo("consent-gate", password, ari_info.system_name, entity_id="02:00:00:00:00:0b")
+    other = ScriptedAriInfo("consent-gate", password, "pbx-b", entity_id="02:00:00:00:00:0c")
+    same = ScriptedAriInfo("consent-gate", password, ari_info.system_name, entity_id=ari_info.entity_id)
+    for server in (twin, other, same):
         threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_ARI_URL=twin.url)
-        assert code == 2 and "cluster: Asterisk systemname 'pbx-a' is already used by node" in output, output
+        assert code == 2 and "cluster: Asterisk systemname 'pbx-a' is already used by node 'Asterisk 02:00:00:00:00:0a" in output, output
+        code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_ARI_URL=same.url)
+        assert (code, output.strip()) == (0, "configuration ok")
         code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_ARI_URL=other.url)
         assert (code, output.strip()) == (0, "configuration ok")
         code, output = run_ari_command(service_env, "--check-config", CONSENT_GATE_ARI_URL=other.url,
@@ -77,7 +83,7 @@ def test_check_config_refuses_a_second_node_with_the_same_systemname(
         assert code == 2 and f"ari: cannot read Asterisk's settings at {other.url} as 'consent-gate'" in output
         assert "wrong-ari-password" not in output
     finally:
-        for server in (twin, other):
+        for server in (twin, other, same):
             server.shutdown()
             server.server_close()
 

@@ -18,9 +18,9 @@ CREATE TABLE cluster_identity (
 
 -- Which node's Asterisk uses which systemname: the ledger's call_id is the channel uniqueid,
 -- "<systemname>-<epoch>.<sequence>" (just "<epoch>.<sequence>" without one), so two Asterisks
--- sharing a systemname, or both without, hand out the same call ids.  A node is its service's
--- host name and ARI URL; --check-config inserts the node's claim and refuses a systemname that
--- another node holds.  A node that is retired or renamed: DELETE its row (the owning role).
+-- sharing a systemname, or both without, hand out the same call ids.  A node is its Asterisk's
+-- entity id and its host name; --check-config inserts the node's claim and refuses a
+-- systemname that another node holds.  A node that is retired or renamed: DELETE its row (the owning role).
 CREATE TABLE cluster_nodes (
     system_name text PRIMARY KEY CHECK (length(system_name) <= 255),
     node text NOT NULL CHECK (length(node) BETWEEN 1 AND 255),
